@@ -1,0 +1,132 @@
+"""Defaults shared by every dataset config, and the paper's method rows.
+
+A row of the paper's tables is a config, not a code path: `get_config('<row>')` in a dataset
+file calls `apply_method` with the row name, which only sets config values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Paper row -> the config values that define it. Each entry is applied on top of the
+# dataset defaults; keys are dotted paths into the config.
+METHODS: dict[str, dict[str, object]] = {
+    # Le MuMo JEPA = FT-Pruned + SIGReg on the joint CLS (the paper's default).
+    'lemumo': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
+               'model.layer0_impl': 'structured'},
+    # The same model with the reference (dense, masked) layer 0; identical numerics.
+    'lemumo_masked': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
+                      'model.layer0_impl': 'masked'},
+    # FT-Persistent + SIGReg (Table 2, Table 6).
+    'ft_persistent': {'model.family': 'fusion', 'model.fusion_mode': 'persistent',
+                      'model.layer0_impl': 'masked'},
+    # LeJEPA RGB-only (Table 1, 3).
+    'lejepa_rgb': {'model.family': 'vit', 'model.inputs': 'rgb'},
+    # LiDAR-only JEPA (Table 1, 3): the same ViT on the 1-channel companion map.
+    'lidar_only': {'model.family': 'vit', 'model.inputs': 'companion'},
+}
+
+
+def method_names() -> list[str]:
+  return sorted(METHODS)
+
+
+def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """Sets `config.method` and the row's values; an unknown row is a ValueError listing rows."""
+  if method not in METHODS:
+    raise ValueError(f'unknown method row {method!r}; choose one of {method_names()} '
+                     f'(e.g. --config=configs/synthetic.py:lemumo)')
+  config.method = method
+  for dotted, value in METHODS[method].items():
+    node = config
+    *parents, leaf = dotted.split('.')
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def parse_arg(arg: str | None, default: str = 'lemumo') -> str:
+  """`get_config` receives the text after ':' in --config=path:arg (None when absent)."""
+  return default if arg in (None, '') else arg
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Paper S2 defaults (Waymo): ViT-S/16, batch 64, 2 x 224 + 8 x 96 crops, proj dim 16,
+  lr 1e-4, lambda 0.1, 5 SSL epochs."""
+  c = ml_collections.ConfigDict()
+  c.mode = 'pretrain'   # 'pretrain' (more modes arrive with the probe stage)
+  c.method = 'lemumo'
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict({
+      'name': 'arrayrecord',      # 'arrayrecord' (data_prep output) or 'synthetic'
+      'data_dir': '',
+      'image_size': (320, 480),   # frames are resized to this on the host (H, W)
+      'companion': 'depth',       # 'depth' or 'thermal'
+      'num_train': 0,             # synthetic only
+      'num_val': 0,               # synthetic only
+      'seed': 0,                  # synthetic only: which scenes
+      'num_threads': 4,           # grain read threads
+      'prefetch': 4,
+      'num_workers': 0,           # grain worker processes (0: threads only)
+  })
+
+  c.views = ml_collections.ConfigDict({
+      'num_global': 2,
+      'num_local': 8,
+      'global_size': 224,
+      'local_size': 96,
+      'global_scale': (0.4, 1.0),
+      'local_scale': (0.05, 0.4),
+      'companion_resize': 'nearest',
+  })
+
+  c.model = ml_collections.ConfigDict({
+      'family': 'fusion',          # 'fusion' | 'vit'
+      'inputs': 'rgb',             # 'vit' only: 'rgb' | 'companion'
+      'fusion_mode': 'pruned',     # 'pruned' | 'persistent'
+      'layer0_impl': 'structured', # 'structured' | 'masked' (tested equal)
+      'img_size': 224,             # base grid of pos_embed / fusion tokens
+      'patch_size': 16,
+      'width': 384,                # ViT-S/16
+      'depth': 12,
+      'num_heads': 6,
+      'mlp_ratio': 4.0,
+      'companion_channels': 1,
+      'dtype': 'bfloat16',         # compute dtype; params and optimizer state stay float32
+  })
+
+  c.projector = ml_collections.ConfigDict({
+      'hidden_dim': 2048,
+      'num_hidden_layers': 2,
+      'out_dim': 16,
+  })
+
+  c.objective = ml_collections.ConfigDict({
+      'name': 'lejepa',
+      'lam': 0.1,
+      'num_slices': 256,
+      'num_knots': 17,
+      't_max': 3.0,
+  })
+
+  c.optim = ml_collections.ConfigDict({
+      'lr': 1e-4,
+      'weight_decay': 0.05,
+      'b1': 0.9,
+      'b2': 0.999,
+      'warmup_fraction': 0.1,      # linear warmup over this fraction of the steps
+      'final_lr_fraction': 1e-3,   # cosine decays to lr * this
+      'grad_clip': 1.0,            # global-norm clip; 0 disables
+  })
+
+  c.train = ml_collections.ConfigDict({
+      'batch_size': 64,            # global batch
+      'num_epochs': 5,
+      'num_steps': 0,              # > 0 overrides num_epochs
+      'log_every': 50,
+      'checkpoint_every': 500,
+      'keep_checkpoints': 3,
+  })
+  return c

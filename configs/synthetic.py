@@ -1,0 +1,23 @@
+"""The embedded default: procedural driving scenes, a tiny ViT, minutes on a CPU.
+
+  python -m lemumo_jax.main --config=configs/synthetic.py            # Le MuMo JEPA
+  python -m lemumo_jax.main --config=configs/synthetic.py:lejepa_rgb # another paper row
+
+Same code path as the paper config (configs/waymo.py); only sizes shrink: 64 px global and
+32 px local crops of 96 x 128 frames, patch 8 (8 x 8 fusion grid), width 96, depth 4.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  config = common.base_config()
+  config.data.update(name='synthetic', image_size=(96, 128), companion='depth',
+                     num_train=2048, num_val=256, num_threads=2, prefetch=2)
+  config.views.update(global_size=64, local_size=32)
+  config.model.update(img_size=64, patch_size=8, width=96, depth=4, num_heads=4,
+                      dtype='float32')
+  config.projector.update(hidden_dim=256)
+  config.optim.update(lr=5e-4, warmup_fraction=0.1)
+  config.train.update(batch_size=32, num_epochs=4, log_every=10, checkpoint_every=50)
+  return common.apply_method(config, common.parse_arg(arg))

@@ -1,0 +1,220 @@
+"""THE pretraining loop, for every method: model and objective are plugged in by config.
+
+One jitted step over a `Mesh(('data',))`: the host batch becomes a global array sharded on
+'data', params are replicated, views are cut on the device (augment.py), and the loss is
+reduced over the global batch by XLA. Orbax saves every `checkpoint_every` steps and a rerun
+with the same --workdir resumes from the latest checkpoint; the data order is a function of
+the step, so a resumed run sees the batches the killed run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from lemumo_jax.data import augment, pipeline, sources
+from lemumo_jax.models import ssl
+from lemumo_jax.objectives import lejepa
+from lemumo_jax.training import state as state_lib
+
+Objective = Callable[[jax.Array, dict[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; the run stops before writing another checkpoint."""
+
+
+def build_model(config: ml_collections.ConfigDict):
+  return ssl.JepaModel(encoder_cfg=config.model, projector_cfg=config.projector)
+
+
+def build_objective(config: ml_collections.ConfigDict) -> Objective:
+  cfg = config.objective
+  if cfg.name == 'lejepa':
+    def objective(key, outputs):
+      return lejepa.lejepa_loss(key, outputs['z_global'], outputs['z_local'], lam=cfg.lam,
+                                num_slices=cfg.num_slices, num_knots=cfg.num_knots,
+                                t_max=cfg.t_max)
+    return objective
+  raise ValueError(f"config.objective.name must be one of ['lejepa'], got {cfg.name!r}")
+
+
+def total_train_steps(config: ml_collections.ConfigDict, num_records: int) -> int:
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return config.train.num_epochs * pipeline.steps_per_epoch(num_records, config.train.batch_size)
+
+
+def make_train_step(model, objective: Objective, tx: optax.GradientTransformation,
+                    view_cfg: augment.ViewConfig, schedule: optax.Schedule):
+  """(state, batch, base_key) -> (state, metrics); jit it with the state donated."""
+
+  def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
+    key = jax.random.fold_in(base_key, state.step)
+    view_key, loss_key = jax.random.split(key)
+    views = augment.make_views(view_key, batch['rgb'], batch['companion'], view_cfg)
+
+    def loss_fn(params):
+      outputs, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                     views, train=True, mutable=['batch_stats'])
+      loss, metrics = objective(loss_key, outputs)
+      return loss, (metrics, updates['batch_stats'])
+
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss),
+                          state.step + 1, state.nonfinite_step)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, nonfinite_step=nonfinite)
+    return new_state, metrics
+
+  return train_step
+
+
+def _dummy_views(view_cfg: augment.ViewConfig, batch: int, channels: int) -> dict[str, jax.Array]:
+  g, l = view_cfg.global_size, view_cfg.local_size
+  return {'global_rgb': jnp.zeros((view_cfg.num_global, batch, g, g, 3)),
+          'global_companion': jnp.zeros((view_cfg.num_global, batch, g, g, channels)),
+          'local_rgb': jnp.zeros((view_cfg.num_local, batch, l, l, 3)),
+          'local_companion': jnp.zeros((view_cfg.num_local, batch, l, l, channels))}
+
+
+def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run of a different method or model into the same workdir."""
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    for key in ('method', 'model', 'projector', 'objective'):
+      if previous.get(key) != current.get(key):
+        raise ValueError(f'{workdir} holds a run with a different config.{key} '
+                         f'({previous.get(key)} vs {current.get(key)}); use a new --workdir')
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(current, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _metric_writer(workdir: str):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncMultiWriter(
+      [metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))])
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains, checkpoints, exports the encoder; returns a summary (losses, steps, paths)."""
+  workdir = os.path.abspath(workdir)
+  _check_workdir_config(workdir, config)
+  metadata = sources.dataset_metadata(config.data)
+  num_records = int(metadata['splits']['train'])
+  total_steps = total_train_steps(config, num_records)
+  view_cfg = augment.ViewConfig.from_config(config.views)
+
+  mesh = state_lib.make_mesh()
+  if config.train.batch_size % mesh.size:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
+                     f'the {mesh.size} devices of the mesh')
+  model = build_model(config)
+  objective = build_objective(config)
+  schedule = state_lib.learning_rate_schedule(config.optim, total_steps)
+  tx = state_lib.make_optimizer(config.optim, total_steps)
+  replicated = state_lib.replicated(mesh)
+
+  def init_state(key):
+    dummy = _dummy_views(view_cfg, 2, config.model.companion_channels)
+    return state_lib.create_train_state(model.init(key, dummy, train=False), tx)
+
+  root_key = jax.random.PRNGKey(config.seed)
+  init_key, step_key = jax.random.split(root_key)
+  abstract_state = jax.eval_shape(init_state, init_key)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  manager = state_lib.checkpoint_manager(workdir, config.train)
+  abstract_sharded = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_sharding)
+  state = state_lib.restore_latest(manager, abstract_sharded)
+  if state is None:
+    state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
+    start_step = 0
+  else:
+    start_step = int(jax.device_get(state.step))
+    print(f'Resuming from checkpoint at step {start_step} in {manager.directory}', flush=True)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f'{config.method}: {num_params / 1e6:.2f}M params, {num_records} train records, '
+        f'{total_steps} steps of batch {config.train.batch_size} on {mesh.size} device(s)',
+        flush=True)
+
+  step_fn = jax.jit(make_train_step(model, objective, tx, view_cfg, schedule),
+                    in_shardings=(state_sharding, state_lib.batch_sharding(mesh), replicated),
+                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+  loader = pipeline.pretrain_loader(config.data, config.train.batch_size, seed=config.seed,
+                                    start_step=start_step, num_steps=total_steps)
+  writer = _metric_writer(workdir)
+  history: list[tuple[int, float]] = []
+  step = start_step
+  last_time, last_step = time.time(), start_step
+
+  def check_finite():
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      raise NonFiniteLossError(
+          f'loss became NaN/Inf at step {bad} ({config.method}, workdir {workdir}); the last '
+          f'good checkpoint is step {manager.latest_step()}. Lower optim.lr, enable '
+          f'optim.grad_clip, or use model.dtype=float32.')
+
+  for host_batch in loader:
+    state, metrics = step_fn(state, state_lib.global_batch(mesh, host_batch), step_key)
+    step += 1
+    if step % config.train.log_every == 0 or step == total_steps:
+      metrics = jax.device_get(metrics)
+      check_finite()
+      now = time.time()
+      rate = (step - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, step
+      scalars = {k: float(v) for k, v in metrics.items() if v is not None}
+      scalars['steps_per_sec'] = rate
+      scalars['samples_per_sec'] = rate * config.train.batch_size
+      writer.write_scalars(step, scalars)
+      history.append((step, scalars['loss']))
+      print(f'step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
+            f'(sigreg {scalars.get("sigreg", float("nan")):.4f}, '
+            f'inv {scalars.get("invariance", float("nan")):.4f}) | lr {scalars["lr"]:.2e} | '
+            f'{rate:.2f} steps/s, {rate * config.train.batch_size:.1f} samples/s | '
+            f'ETA {_format_eta((total_steps - step) / max(rate, 1e-9))}', flush=True)
+    if step % config.train.checkpoint_every == 0 or step == total_steps:
+      check_finite()
+      manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)
+  manager.wait_until_finished()
+  writer.flush()
+  check_finite()
+  if step < total_steps:
+    raise RuntimeError(f'the data loader stopped at step {step} of {total_steps}')
+  encoder_params = state.params['encoder']
+  export_path = state_lib.export_encoder(workdir, encoder_params, config, step)
+  print(f'Pretraining done: {step} steps; checkpoints in {manager.directory}; encoder '
+        f'exported to {export_path}', flush=True)
+  return {'history': history, 'final_step': step, 'start_step': start_step,
+          'encoder_dir': export_path, 'state': state}

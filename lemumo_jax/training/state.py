@@ -1,0 +1,136 @@
+"""Train state, device mesh and shardings, optimizer, Orbax checkpoints, encoder export."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lemumo_jax.models import encoders
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a pretraining step reads and writes; a plain pytree (checkpointed whole)."""
+  step: jax.Array              # int32 scalar: the number of updates applied
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  nonfinite_step: jax.Array    # int32 scalar: first step whose loss was NaN/Inf, -1 if none
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """1-D mesh over all (global) devices; the batch is sharded on 'data'."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ('data',))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This host's rows -> global arrays sharded on 'data' (works on one or many hosts)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+
+def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to lr, then cosine decay to lr * final_lr_fraction."""
+  warmup = int(round(optim_cfg.warmup_fraction * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=max(warmup, 1),
+      decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.final_lr_fraction)
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matrices and convolution kernels only (not biases, norms, tokens)."""
+  def decays(path, leaf):
+    name = str(path[-1].key) if hasattr(path[-1], 'key') else str(path[-1])
+    return leaf.ndim >= 2 and name == 'kernel'
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(optim_cfg, total_steps)
+  parts = []
+  if optim_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                           weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
+  return optax.chain(*parts)
+
+
+def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def checkpoint_manager(workdir: str, train_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=train_cfg.checkpoint_every, max_to_keep=train_cfg.keep_checkpoints,
+      create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
+  """The latest checkpointed state with the shardings of `abstract_state`, or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def encoder_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'encoder')
+
+
+def export_encoder(workdir: str, encoder_params: Any, config: ml_collections.ConfigDict,
+                   step: int) -> str:
+  """Writes the encoder the probe stage loads: Orbax params + encoder_config.json.
+
+  Orbax finalises the params directory atomically; the json is written after it via rename,
+  so a reader that finds encoder_config.json finds complete params.
+  """
+  directory = encoder_dir(workdir)
+  params_dir = os.path.join(directory, f'params_{step}')
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(params_dir, jax.device_get(encoder_params), force=True)
+  checkpointer.wait_until_finished()
+  meta = {'model': config.model.to_dict(), 'method': config.method, 'step': int(step),
+          'params_dir': os.path.basename(params_dir), 'data': config.data.to_dict()}
+  tmp = os.path.join(directory, '.encoder_config.json.tmp')
+  if jax.process_index() == 0:
+    with open(tmp, 'w') as f:
+      json.dump(meta, f, indent=2, default=list)
+    os.replace(tmp, os.path.join(directory, 'encoder_config.json'))
+  return directory
+
+
+def load_encoder(directory: str) -> tuple[Any, Any, ml_collections.ConfigDict]:
+  """(encoder module, params, model config) from an `export_encoder` directory."""
+  meta_path = os.path.join(directory, 'encoder_config.json')
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'{meta_path} not found: pretrain first (mode=pretrain writes '
+                            f'<workdir>/encoder)')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  model_cfg = ml_collections.ConfigDict(meta['model'])
+  params = ocp.StandardCheckpointer().restore(os.path.join(directory, meta['params_dir']))
+  return encoders.build_encoder(model_cfg), params, model_cfg

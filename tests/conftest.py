@@ -1,0 +1,46 @@
+"""Shared test helpers: a tiny end-to-end config (seconds per step on a CPU)."""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+
+def tiny_config(method: str = 'lemumo', **train):
+  """configs/synthetic.py shrunk further: 48x64 frames, 32 px global / 16 px local crops."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config(method)
+  config.data.update(num_train=32, num_val=16, image_size=(48, 64), num_threads=1, prefetch=1)
+  config.views.update(num_global=2, num_local=2, global_size=32, local_size=16)
+  config.model.update(img_size=32, patch_size=8, width=32, depth=2, num_heads=2)
+  config.projector.update(hidden_dim=32, out_dim=8)
+  config.objective.update(num_slices=16)
+  config.train.update(batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
+  config.train.update(**train)
+  return config
+
+
+# Command-line overrides giving the same tiny config to `python -m lemumo_jax.main`.
+TINY_FLAGS = [
+    '--config.data.num_train=32', '--config.data.num_val=16', '--config.data.image_size=(48, 64)',
+    '--config.data.num_threads=1', '--config.data.prefetch=1',
+    '--config.views.num_local=2', '--config.views.global_size=32', '--config.views.local_size=16',
+    '--config.model.img_size=32', '--config.model.patch_size=8', '--config.model.width=32',
+    '--config.model.depth=2', '--config.model.num_heads=2', '--config.projector.hidden_dim=32',
+    '--config.projector.out_dim=8', '--config.objective.num_slices=16',
+    '--config.train.batch_size=8', '--config.train.log_every=1',
+]
+
+
+@pytest.fixture
+def python_env():
+  """Environment for subprocesses: the repo on PYTHONPATH, quiet TensorFlow."""
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  env['PYTHONUNBUFFERED'] = '1'
+  return env

@@ -1,0 +1,129 @@
+"""SIGReg and the LeJEPA objective against an independent float64 numpy derivation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lemumo_jax.objectives import lejepa, sigreg
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def sigreg_numpy(z, directions, num_knots=17, t_max=3.0):
+  """Eq. S2 written out with explicit sums, float64; z [N, d], directions [d, K]."""
+  z = np.asarray(z, np.float64)
+  directions = np.asarray(directions, np.float64)
+  n = z.shape[0]
+  t = np.array([t_max * j / (num_knots - 1) for j in range(num_knots)])
+  dt = t_max / (num_knots - 1)
+  trapezoid = np.array([dt if j in (0, num_knots - 1) else 2 * dt for j in range(num_knots)])
+  omega = trapezoid * np.exp(-t**2 / 2)
+  total = 0.0
+  for k in range(directions.shape[1]):
+    x = z @ directions[:, k]
+    for j in range(num_knots):
+      c = np.mean(np.cos(t[j] * x))
+      s = np.mean(np.sin(t[j] * x))
+      total += omega[j] * ((c - np.exp(-t[j]**2 / 2))**2 + s**2) * n
+  return total / directions.shape[1]
+
+
+def test_knots_and_weights_match_the_reference_recipe():
+  t, w = sigreg.knots_and_weights(17, 3.0)
+  np.testing.assert_allclose(t, np.arange(17) * 3.0 / 16)
+  dt = 3.0 / 16
+  np.testing.assert_allclose(w[0], dt)
+  np.testing.assert_allclose(w[5], 2 * dt * np.exp(-t[5]**2 / 2))
+  np.testing.assert_allclose(w[-1], dt * np.exp(-4.5))
+
+
+def test_directions_are_unit_columns():
+  d = sigreg.random_directions(jax.random.PRNGKey(0), 16, 64)
+  assert d.shape == (16, 64)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(d), axis=0), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('scale', [1.0, 0.3, 2.5])
+def test_sigreg_matches_float64_numpy(scale):
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(48, 8)) * scale + 0.2
+  directions = np.asarray(sigreg.random_directions(jax.random.PRNGKey(1), 8, 32))
+  got = float(sigreg.sigreg(jnp.asarray(z, jnp.float32), jnp.asarray(directions)))
+  want = sigreg_numpy(z, directions)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sigreg_float64_agrees_to_1e6():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(32, 6))
+    directions = rng.normal(size=(6, 16))
+    directions /= np.linalg.norm(directions, axis=0)
+    t, w = sigreg.knots_and_weights()
+    # The float32 kernel upcast: run the same formula in float64 through jnp.
+    projected = jnp.asarray(z) @ jnp.asarray(directions)
+    phase = projected[..., None] * jnp.asarray(t)
+    err = (jnp.cos(phase).mean(0) - np.exp(-t**2 / 2))**2 + jnp.sin(phase).mean(0)**2
+    got = float(jnp.mean((err @ jnp.asarray(w)) * z.shape[0]))
+  np.testing.assert_allclose(got, sigreg_numpy(z, directions), rtol=1e-6, atol=1e-9)
+
+
+def test_sigreg_per_view_leading_axis():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(3, 20, 4))
+  directions = np.asarray(sigreg.random_directions(jax.random.PRNGKey(2), 4, 8))
+  got = np.asarray(sigreg.sigreg(jnp.asarray(z, jnp.float32), jnp.asarray(directions)))
+  want = [sigreg_numpy(z[v], directions) for v in range(3)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_gaussian_small_and_not_growing_with_n_collapsed_large():
+  key = jax.random.PRNGKey(0)
+  values = {}
+  for n in (256, 1024, 4096):
+    z = jax.random.normal(jax.random.fold_in(key, n), (n, 16))
+    values[n] = float(sigreg.sigreg_loss(jax.random.PRNGKey(7), z))
+  # Under H0, E[N (c - phi)^2 + N s^2] = Var cos(tX) + Var sin(tX) = 1 - phi(t)^2 exactly,
+  # whatever N: the statistic's expectation is sum_j w_j (1 - exp(-t_j^2)).
+  t, w = sigreg.knots_and_weights()
+  expected = float(np.sum(w * (1 - np.exp(-t**2))))
+  for n, value in values.items():
+    assert 0.6 * expected < value < 1.5 * expected, (n, value, expected)
+  gaussian = values[1024]
+  z = jax.random.normal(key, (1024, 16))
+  collapsed = float(sigreg.sigreg_loss(jax.random.PRNGKey(7), 0.01 * z))
+  shifted = float(sigreg.sigreg_loss(jax.random.PRNGKey(7), z + 3.0))
+  scaled = float(sigreg.sigreg_loss(jax.random.PRNGKey(7), 4.0 * z))
+  low_rank = float(sigreg.sigreg_loss(jax.random.PRNGKey(7), z.at[:, 4:].set(0.0)))
+  for name, value in [('collapsed', collapsed), ('shifted', shifted), ('scaled', scaled),
+                      ('low_rank', low_rank)]:
+    assert value > 20 * gaussian and value > 10.0, (name, value, gaussian)
+
+
+def test_invariance_loss_is_s1():
+  rng = np.random.default_rng(0)
+  zg = rng.normal(size=(2, 5, 4))
+  zl = rng.normal(size=(3, 5, 4))
+  centre = zg.mean(0)
+  want = np.mean([np.sum((v - centre)**2, -1) for v in [*zg, *zl]])
+  got = float(lejepa.invariance_loss(jnp.asarray(zg), jnp.asarray(zl)))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(lejepa.invariance_loss(jnp.ones((2, 5, 4)), jnp.ones((3, 5, 4)))) == 0.0
+
+
+def test_lejepa_loss_combines_terms():
+  rng = np.random.default_rng(1)
+  zg = jnp.asarray(rng.normal(size=(2, 16, 4)), jnp.float32)
+  zl = jnp.asarray(rng.normal(size=(4, 16, 4)), jnp.float32)
+  key = jax.random.PRNGKey(3)
+  loss, metrics = lejepa.lejepa_loss(key, zg, zl, lam=0.1, num_slices=32)
+  directions = np.asarray(sigreg.random_directions(key, 4, 32))
+  views = np.concatenate([np.asarray(zg), np.asarray(zl)])
+  want_sigreg = np.mean([sigreg_numpy(v, directions) for v in views])
+  np.testing.assert_allclose(float(metrics['sigreg']), want_sigreg, rtol=1e-4)
+  np.testing.assert_allclose(
+      float(loss), 0.1 * float(metrics['sigreg']) + 0.9 * float(metrics['invariance']),
+      rtol=1e-6)
+  grads = jax.grad(lambda a: lejepa.lejepa_loss(key, a, zl, num_slices=32)[0])(zg)
+  assert np.all(np.isfinite(np.asarray(grads)))

@@ -1,0 +1,174 @@
+"""The pretraining loop end to end: configs, checkpoints and resume, NaN stop, multi-device."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common, synthetic, waymo
+from tests.conftest import REPO, TINY_FLAGS, tiny_config
+from lemumo_jax.training import pretrain
+from lemumo_jax.training import state as state_lib
+
+
+def test_paper_defaults_in_waymo_config():
+  c = waymo.get_config()
+  assert c.method == 'lemumo'
+  assert (c.model.width, c.model.depth, c.model.num_heads, c.model.patch_size) == (384, 12, 6, 16)
+  assert c.train.batch_size == 64 and c.train.num_epochs == 5
+  assert (c.views.num_global, c.views.global_size, c.views.num_local, c.views.local_size) == (
+      2, 224, 8, 96)
+  assert c.projector.out_dim == 16 and c.optim.lr == 1e-4 and c.objective.lam == 0.1
+
+
+@pytest.mark.parametrize('row,family,mode', [
+    ('lemumo', 'fusion', 'pruned'), ('ft_persistent', 'fusion', 'persistent'),
+    ('lejepa_rgb', 'vit', None), ('lidar_only', 'vit', None)])
+def test_method_rows(row, family, mode):
+  for module in (synthetic, waymo):
+    c = module.get_config(row)
+    assert c.method == row and c.model.family == family
+    if mode:
+      assert c.model.fusion_mode == mode
+  assert synthetic.get_config('lidar_only').model.inputs == 'companion'
+
+
+def test_unknown_row_is_a_clear_error():
+  with pytest.raises(ValueError, match='unknown method row .*lemumo'):
+    synthetic.get_config('not_a_row')
+
+
+def test_command_line_overrides_and_unknown_key(python_env, tmp_path):
+  cmd = [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
+         f'--workdir={tmp_path}', '--config.train.no_such_key=3']
+  result = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0
+  assert 'no_such_key' in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_train_runs_checkpoints_and_exports(tmp_path):
+  config = tiny_config(num_steps=4)
+  summary = pretrain.train(config, str(tmp_path))
+  assert summary['final_step'] == 4 and summary['start_step'] == 0
+  losses = [loss for _, loss in summary['history']]
+  assert len(losses) == 4 and np.all(np.isfinite(losses))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  assert any(name.startswith('events') for name in os.listdir(tmp_path / 'tensorboard'))
+  module, params, model_cfg = state_lib.load_encoder(str(tmp_path / 'encoder'))
+  assert model_cfg.family == 'fusion'
+  rgb = np.zeros((1, 32, 32, 3), np.float32)
+  features = module.apply({'params': params}, rgb, np.zeros((1, 32, 32, 1), np.float32),
+                          train=False)
+  assert features.patches.shape == (1, 4, 4, 32) and features.cls.shape == (1, 32)
+  # Finished: a rerun restores step 4 and does no work.
+  again = pretrain.train(config, str(tmp_path))
+  assert again['start_step'] == 4 and again['history'] == []
+  # A different model in the same workdir is refused.
+  with pytest.raises(ValueError, match='different config.model'):
+    pretrain.train(_with_width(config, 64), str(tmp_path))
+
+
+def _with_width(config, width):
+  config = config.copy_and_resolve_references()
+  config.model.width = width
+  return config
+
+
+@pytest.mark.parametrize('row', ['lejepa_rgb', 'lidar_only', 'ft_persistent', 'lemumo_masked'])
+def test_every_row_trains(tmp_path, row):
+  summary = pretrain.train(tiny_config(row, num_steps=2), str(tmp_path))
+  assert summary['final_step'] == 2
+  assert all(np.isfinite(loss) for _, loss in summary['history'])
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+  real = pretrain.build_objective
+
+  def poisoned(config):
+    objective = real(config)
+    def nan_from_start(key, outputs):
+      loss, metrics = objective(key, outputs)
+      return loss * jax.numpy.nan, metrics
+    return nan_from_start
+
+  monkeypatch.setattr(pretrain, 'build_objective', poisoned)
+  with pytest.raises(pretrain.NonFiniteLossError, match='NaN/Inf at step 1 '):
+    pretrain.train(tiny_config(num_steps=4), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints' / '2')
+
+
+_RUN_TWO_STEPS = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    from tests.conftest import tiny_config
+    from lemumo_jax.training import pretrain
+    summary = pretrain.train(tiny_config(num_steps=2), sys.argv[1])
+    leaves = jax.tree.leaves(jax.device_get(summary['state'].params))
+    print('RESULT', json.dumps({
+        'devices': jax.device_count(),
+        'losses': [loss for _, loss in summary['history']],
+        'param_sums': [float(np.sum(np.abs(x))) for x in leaves]}))
+''')
+
+
+def _run_two_steps(env, workdir, devices):
+  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _RUN_TWO_STEPS, str(workdir)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):])
+
+
+def test_four_devices_match_one_device(python_env, tmp_path):
+  one = _run_two_steps(python_env, tmp_path / 'one', 1)
+  four = _run_two_steps(python_env, tmp_path / 'four', 4)
+  assert one['devices'] == 1 and four['devices'] == 4
+  np.testing.assert_allclose(four['losses'], one['losses'], rtol=1e-5)
+  np.testing.assert_allclose(four['param_sums'], one['param_sums'], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_kill_and_rerun_resumes_from_last_checkpoint(python_env, tmp_path):
+  """SIGKILL mid-run, rerun the same command: it resumes and ends where an unbroken run ends."""
+  steps = 60
+  flags = [*TINY_FLAGS, f'--config.train.num_steps={steps}', '--config.train.checkpoint_every=5']
+
+  def command(workdir):
+    return [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
+            f'--workdir={workdir}', *flags]
+
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(command(killed), cwd=REPO, env=python_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (killed / 'checkpoints' / '10').exists():
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = subprocess.run(command(killed), cwd=REPO, env=python_env, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming from checkpoint at step' in resumed.stdout
+  resumed_at = int(resumed.stdout.split('Resuming from checkpoint at step ')[1].split()[0])
+  assert 10 <= resumed_at < steps
+  unbroken = subprocess.run(command(tmp_path / 'unbroken'), cwd=REPO, env=python_env,
+                            capture_output=True, text=True, timeout=600)
+  assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+
+  def final_loss(stdout):
+    line = [l for l in stdout.splitlines() if l.startswith(f'step {steps}/{steps}')][-1]
+    return float(line.split('loss ')[1].split()[0])
+
+  np.testing.assert_allclose(final_loss(resumed.stdout), final_loss(unbroken.stdout), rtol=1e-4)
