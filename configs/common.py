@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Paper S2 defaults (Waymo): ViT-S/16, batch 64, 2 x 224 + 8 x 96 crops, proj dim 16,
   lr 1e-4, lambda 0.1, 5 SSL epochs."""
   c = ml_collections.ConfigDict()
-  c.mode = 'pretrain'   # 'pretrain' (more modes arrive with the probe stage)
+  c.mode = 'pretrain'   # 'pretrain' | 'probe' | 'pretrain_probe' (both, in order)
   c.method = 'lemumo'
   c.seed = 0
 
@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
       'global_scale': (0.4, 1.0),
       'local_scale': (0.05, 0.4),
       'companion_resize': 'nearest',
+      'photometric': True,        # ColorJitter, grayscale, blur, solarize on RGB only
   })
 
   c.model = ml_collections.ConfigDict({
@@ -128,5 +129,27 @@ def base_config() -> ml_collections.ConfigDict:
       'log_every': 50,
       'checkpoint_every': 500,
       'keep_checkpoints': 3,
+  })
+
+  # Frozen patch probes (S3): deterministic clean views, all heads trained at once.
+  c.probe = ml_collections.ConfigDict({
+      'encoder': 'pretrained',     # 'pretrained' | 'random' (Table 1 "encoder frozen" rows)
+      'encoder_dir': '',           # default: <workdir>/encoder
+      'image_size': (640, 640),    # clean probe view (H, W)
+      'seg_size': (224, 224),      # the segmentation probe's output resolution
+      'heads': ('centernet3d', 'seg', 'depth', 'occupancy'),
+      'batch_size': 64,
+      'num_epochs': 5,
+      'num_steps': 0,              # > 0 overrides num_epochs
+      'lr': 1e-3,
+      'weight_decay': 1e-4,
+      'warmup_fraction': 0.05,
+      'val_every': 100,            # validate every N steps; the best by val loss is kept
+      'max_objects': 64,
+      'score_threshold': 0.05,     # detections below are dropped before AP
+      'max_detections': 100,
+      'centernet_hidden': 256,
+      'occupancy_hidden': 64,
+      'num_figure_frames': 4,
   })
   return c

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+# TensorFlow is imported only for clu's TensorBoard writer; keep its C++ start-up lines out.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +36,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   config = _CONFIG.value
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax logs every checkpoint step at INFO; the progress line says what matters.
+    logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()

@@ -111,12 +111,18 @@ _RUN_TWO_STEPS = textwrap.dedent('''
     import jax, numpy as np
     from tests.conftest import tiny_config
     from lemumo_jax.training import pretrain
-    summary = pretrain.train(tiny_config(num_steps=2), sys.argv[1])
-    leaves = jax.tree.leaves(jax.device_get(summary['state'].params))
-    print('RESULT', json.dumps({
-        'devices': jax.device_count(),
-        'losses': [loss for _, loss in summary['history']],
-        'param_sums': [float(np.sum(np.abs(x))) for x in leaves]}))
+    config = tiny_config(num_steps=2)
+    # The hue conversion branches on near-ties between channels, which can flip on a last-bit
+    # difference between vectorised shapes (observed: 8 pixels of one local view); the views
+    # are otherwise bitwise equal across device counts. Compare the rest of the step strictly.
+    config.views.photometric = False
+    summary = pretrain.train(config, sys.argv[1])
+    params = jax.device_get(summary['state'].params)
+    np.savez(sys.argv[1] + '/params.npz', **{
+        jax.tree_util.keystr(path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)})
+    print('RESULT', json.dumps({'devices': jax.device_count(), 'lr': config.optim.lr,
+                                'losses': [loss for _, loss in summary['history']]}))
 ''')
 
 
@@ -127,15 +133,27 @@ def _run_two_steps(env, workdir, devices):
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')][-1]
-  return json.loads(line[len('RESULT '):])
+  return json.loads(line[len('RESULT '):]), dict(np.load(workdir / 'params.npz'))
+
+
+# Parameters whose exact gradient is zero, so Adam turns float noise into +-lr steps: the key
+# part of timm's qkv bias (softmax is shift-invariant per query) and the final norm's bias
+# (a constant shift of every CLS, removed by the projector's first BatchNorm).
+NULL_DIRECTIONS = ("['attn']['qkv']['bias']", "['encoder']['norm']['bias']")
 
 
 def test_four_devices_match_one_device(python_env, tmp_path):
-  one = _run_two_steps(python_env, tmp_path / 'one', 1)
-  four = _run_two_steps(python_env, tmp_path / 'four', 4)
+  one, one_params = _run_two_steps(python_env, tmp_path / 'one', 1)
+  four, four_params = _run_two_steps(python_env, tmp_path / 'four', 4)
   assert one['devices'] == 1 and four['devices'] == 4
   np.testing.assert_allclose(four['losses'], one['losses'], rtol=1e-5)
-  np.testing.assert_allclose(four['param_sums'], one['param_sums'], rtol=1e-5)
+  assert one_params.keys() == four_params.keys()
+  for name, value in one_params.items():
+    if name.endswith(NULL_DIRECTIONS):
+      # Two Adam steps move any element by at most ~2 lr.
+      np.testing.assert_array_less(np.abs(four_params[name] - value), 2.5 * one['lr'])
+    else:
+      np.testing.assert_allclose(four_params[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.slow

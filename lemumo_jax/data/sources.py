@@ -21,12 +21,16 @@ class ArrayRecordSource:
 
   def __init__(self, data_dir: str, split: str):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    pattern = os.path.join(data_dir, f'{split}-*-of-*.array_record')
-    self._paths = sorted(glob.glob(pattern))
-    if not self._paths:
+    # metadata.json lists a split's shards only once every shard of it is finished, so a
+    # conversion still running (or a crashed one) is never read half-done.
+    shard_files = schema.read_metadata(data_dir).get('shard_files', {})
+    if split not in shard_files:
+      pattern = os.path.join(data_dir, f'{split}-*-of-*.array_record')
       raise FileNotFoundError(
-          f'no shards match {pattern}: prepare the dataset with data_prep/ '
-          f'(available: {sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else "none"})')
+          f'{os.path.join(data_dir, "metadata.json")} lists no finished split {split!r} '
+          f'(finished: {sorted(shard_files)}; shards on disk: {len(glob.glob(pattern))}); '
+          f'finish the data_prep run for it or run it with --finalize')
+    self._paths = [os.path.join(data_dir, name) for name in shard_files[split]]
     self._readers = [array_record_module.ArrayRecordReader(p) for p in self._paths]
     counts = [reader.num_records() for reader in self._readers]
     self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()

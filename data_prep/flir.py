@@ -1,0 +1,269 @@
+"""Teledyne FLIR ADAS v2 (RGB + thermal) -> ArrayRecord shards.
+
+Pairing. The release pairs RGB and thermal frames only in its video set: the root file
+rgb_to_thermal_vid_map.json maps each RGB frame of video_rgb_test/data/ to its time-synced
+thermal frame in video_thermal_test/data/ (3,749 pairs at 30 FPS). The images_{rgb,thermal}_
+{train,val} folders were sampled independently per spectrum (different videos and frames; no
+key in coco.json or index.json links them), so they cannot form pairs. --pair_map,
+--rgb_folder and --thermal_folder take any other pairing file of the same form
+({rgb file name: thermal file name}, both under <folder>/data/).
+Splits. --video_split keeps the pairs of train, val or all videos; a video (thermal video id
+from the file name video-<id>-frame-<n>-<hash>.jpg) goes to val when crc32(id) % 100 <
+--val_percent, so whole videos stay on one side and adjacent frames never straddle the split.
+
+Shared grid. The cameras are treated as co-located and co-axial (the rig's 1.9 inch baseline,
+i.e. a few pixels of parallax at 10 m, is ignored; the release ships no calibration). From
+their fields of view (thermal Tau 2: --thermal_hfov_deg 45, --thermal_vfov_deg 37; RGB
+BlackFly: --rgb_hfov_deg 52.8 with square pixels) each image is centre-cropped to the view both
+cameras see, narrowed to the stored aspect ratio, and resized to [H, W] (default 512 x 640,
+the thermal resolution). intrinsics = the pinhole K of that shared view.
+
+Per pair:
+  rgb           the RGB frame on the shared grid
+  companion     the thermal frame on the shared grid, normalised to [0, 1]: 8-bit / 255;
+                16-bit (raw) linearly between its 1st and 99th percentiles, clipped
+  boxes2d       thermal coco.json boxes ([x, y, w, h] in thermal pixels) on the shared grid,
+                clipped, kept when at least --min_box_size pixels wide and high; categories
+                matched by name against --classes (= classes_2d), others dropped
+  depth_target  zeros; seg all 255; boxes3d empty (FLIR has no 3D labels or segmentation)
+  meta          scene = thermal video id, frame = its frame number (also the timestamp: the
+                release has no capture times)
+Work unit = one pair; a pair whose image is missing or undecodable is skipped and reported.
+
+  python -m data_prep.flir --input_dir=/data/FLIR_ADAS_v2 --video_split=train --split=train \
+      --output_dir=/data/prepared/flir
+  python -m data_prep.flir --input_dir=/data/FLIR_ADAS_v2 --video_split=val --split=val \
+      --output_dir=/data/prepared/flir
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from PIL import Image
+from pycocotools.coco import COCO
+
+from data_prep import common
+from data_prep import depth
+from lemumo_jax.data import schema
+
+FLIR_CLASSES = ('person', 'bike', 'car', 'motor', 'bus', 'train', 'truck', 'light', 'hydrant',
+                'sign', 'dog', 'deer', 'skateboard', 'stroller', 'scooter', 'other vehicle')
+_FRAME_NAME = re.compile(r'^video-(?P<video>[^-]+)-frame-(?P<frame>\d+)-')
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  rgb_folder: str = 'video_rgb_test'
+  thermal_folder: str = 'video_thermal_test'
+  pair_map: str = 'rgb_to_thermal_vid_map.json'
+  video_split: str = 'all'  # 'train' | 'val' | 'all'
+  val_percent: int = 20
+  rgb_hfov_deg: float = 52.8
+  thermal_hfov_deg: float = 45.0
+  thermal_vfov_deg: float = 37.0
+  min_box_size: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  rgb_path: str
+  thermal_path: str
+  video: str
+  frame: int
+
+
+def video_and_frame(file_name: str) -> tuple[str, int]:
+  """('<id>', n) from FLIR's video-<id>-frame-<n>-<hash>.jpg; (stem, 0) for other names."""
+  match = _FRAME_NAME.match(os.path.basename(file_name))
+  if match is None:
+    return os.path.splitext(os.path.basename(file_name))[0], 0
+  return match['video'], int(match['frame'])
+
+
+def is_val_video(video: str, val_percent: int) -> bool:
+  return zlib.crc32(video.encode()) % 100 < val_percent
+
+
+def shared_view(rgb_hw: tuple[int, int], thermal_hw: tuple[int, int], out_hw: tuple[int, int],
+                options: Options) -> tuple[depth.GridTransform, depth.GridTransform, np.ndarray]:
+  """Grid transforms of both images onto the view both cameras see, and its [3, 3] K."""
+  height, width = out_hw
+  rgb_tx = math.tan(math.radians(options.rgb_hfov_deg) / 2)
+  rgb_ty = rgb_tx * rgb_hw[0] / rgb_hw[1]
+  thermal_tx = math.tan(math.radians(options.thermal_hfov_deg) / 2)
+  thermal_ty = math.tan(math.radians(options.thermal_vfov_deg) / 2)
+  # Half-angle tangents of the shared view, narrowed to the stored aspect (square pixels).
+  tx, ty = min(rgb_tx, thermal_tx), min(rgb_ty, thermal_ty)
+  if tx / ty > width / height:
+    tx = ty * width / height
+  else:
+    ty = tx * height / width
+
+  def grid(hw, cam_tx, cam_ty):
+    crop_w, crop_h = hw[1] * tx / cam_tx, hw[0] * ty / cam_ty
+    return depth.GridTransform(hw[0], hw[1], height, width, (hw[1] - crop_w) / 2,
+                               (hw[0] - crop_h) / 2, crop_w, crop_h)
+
+  intrinsics = np.array([[width / (2 * tx), 0, width / 2], [0, height / (2 * ty), height / 2],
+                         [0, 0, 1]], np.float64)
+  return grid(rgb_hw, rgb_tx, rgb_ty), grid(thermal_hw, thermal_tx, thermal_ty), intrinsics
+
+
+def normalize_thermal(image: np.ndarray) -> np.ndarray:
+  """[h, w] or [h, w, c] 8/16-bit thermal -> [h, w] float32 in [0, 1]."""
+  eight_bit = image.dtype == np.uint8
+  image = np.asarray(image, np.float64)
+  if image.ndim == 3:
+    image = image.mean(-1)  # 8-bit thermal JPEGs may be stored as 3 equal channels
+  if eight_bit:
+    return (image / 255.0).astype(np.float32)
+  low, high = np.percentile(image, [1, 99])
+  return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def _load(path: str, mode: str | None) -> np.ndarray:
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert(mode) if mode else image)
+  except Exception as e:  # PIL raises several unrelated types for broken images
+    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+
+
+class ThermalBoxes:
+  """The thermal coco.json (via pycocotools), indexed by image file name."""
+
+  def __init__(self, coco_path: str, classes: Sequence[str]):
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its loading progress
+      self.coco = COCO(coco_path)
+    names = {c['id']: c['name'] for c in self.coco.loadCats(self.coco.getCatIds())}
+    missing = sorted(set(classes) - set(names.values()))
+    if missing:
+      logging.warning('%s has no categories %s; they get no boxes', coco_path, missing)
+    self.class_of = {cat_id: classes.index(name) for cat_id, name in names.items()
+                     if name in classes}
+    self.image_ids = {os.path.basename(image['file_name']): image_id
+                      for image_id, image in self.coco.imgs.items()}
+
+  def boxes(self, file_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """([M, 4] x1, y1, x2, y2 thermal pixels, [M] classes_2d index) of one image."""
+    image_id = self.image_ids.get(os.path.basename(file_name))
+    annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id])) if (
+        image_id is not None) else []
+    kept = [a for a in annotations if a['category_id'] in self.class_of]
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in kept)],
+                     np.float64).reshape(-1, 4)
+    return boxes, np.array([self.class_of[a['category_id']] for a in kept], np.int32)
+
+
+def pair_frame(pair: Pair, stats: common.ShardStats, thermal_boxes: ThermalBoxes,
+               options: Options, config: common.RunConfig) -> Iterator[common.Frame]:
+  """The record of one RGB-thermal pair (a work unit)."""
+  del stats  # a broken pair is dropped by raising
+  rgb = _load(pair.rgb_path, 'RGB')
+  thermal = normalize_thermal(_load(pair.thermal_path, None))
+  height, width = config.image_height, config.image_width
+  rgb_grid, thermal_grid, intrinsics = shared_view(rgb.shape[:2], thermal.shape[:2],
+                                                   (height, width), options)
+  boxes, classes = thermal_boxes.boxes(pair.thermal_path)
+  boxes2d, keep = thermal_grid.boxes(boxes, options.min_box_size)
+  record = {
+      'rgb': rgb_grid.rgb(rgb),
+      'companion': np.clip(thermal_grid.scalar(thermal), 0.0, 1.0),
+      'depth_target': np.zeros((height, width), np.float32),
+      'seg': np.full((height, width), schema.IGNORE_LABEL, np.uint8),
+      **schema.empty_boxes(),
+      'boxes2d': boxes2d[keep],
+      'boxes2d_cls': classes[keep],
+      'intrinsics': intrinsics.astype(np.float32),
+      'meta': {'dataset': 'flir', 'scene': pair.video, 'frame': pair.frame,
+               'camera': 'rgb+thermal', 'timestamp': pair.frame},
+  }
+  yield record, None
+
+
+def list_pairs(input_dir: str, options: Options) -> list[common.WorkUnit]:
+  map_path = os.path.join(input_dir, options.pair_map)
+  if not os.path.exists(map_path):
+    raise app.UsageError(f'{map_path} not found: --pair_map names the RGB -> thermal frame map')
+  with open(map_path) as f:
+    pair_map = json.load(f)
+  units = []
+  for rgb_name, thermal_name in pair_map.items():
+    video, frame = video_and_frame(thermal_name)
+    if options.video_split != 'all' and (options.video_split == 'val') != is_val_video(
+        video, options.val_percent):
+      continue
+    pair = Pair(os.path.join(input_dir, options.rgb_folder, 'data', os.path.basename(rgb_name)),
+                os.path.join(input_dir, options.thermal_folder, 'data',
+                             os.path.basename(thermal_name)), video, frame)
+    units.append(common.WorkUnit(os.path.basename(rgb_name), pair))
+  if not units:
+    raise app.UsageError(f'{map_path}: no pairs in --video_split={options.video_split} '
+                         f'(--val_percent={options.val_percent})')
+  return units
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  common.define_common_flags(fv, image_height=512, image_width=640)
+  defaults = Options()
+  flags.DEFINE_string('input_dir', None, 'FLIR_ADAS_v2 root.', flag_values=fv)
+  for name in ('rgb_folder', 'thermal_folder', 'pair_map'):
+    flags.DEFINE_string(name, getattr(defaults, name), f'See the module docstring ({name}).',
+                        flag_values=fv)
+  flags.DEFINE_enum('video_split', 'all', ['train', 'val', 'all'], 'Which videos to convert.',
+                    flag_values=fv)
+  flags.DEFINE_integer('val_percent', defaults.val_percent, 'Share of videos in val (by hash).',
+                       flag_values=fv)
+  for name in ('rgb_hfov_deg', 'thermal_hfov_deg', 'thermal_vfov_deg', 'min_box_size'):
+    flags.DEFINE_float(name, getattr(defaults, name), f'See the module docstring ({name}).',
+                       flag_values=fv)
+  flags.DEFINE_list('classes', list(FLIR_CLASSES), 'coco.json category names kept, in '
+                    'classes_2d order.', flag_values=fv)
+
+
+def run_from_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any] | None:
+  config = common.config_from_flags(fv, argv)
+  if fv.finalize:
+    metadata = common.finalize(config.output_dir, argv)
+  else:
+    if not fv.input_dir:
+      raise app.UsageError('--input_dir is required unless --finalize')
+    options = Options(fv.rgb_folder, fv.thermal_folder, fv.pair_map, fv.video_split,
+                      fv.val_percent, fv.rgb_hfov_deg, fv.thermal_hfov_deg, fv.thermal_vfov_deg,
+                      fv.min_box_size)
+    classes = tuple(fv.classes)
+    coco_path = os.path.join(fv.input_dir, options.thermal_folder, 'coco.json')
+    thermal_boxes = ThermalBoxes(coco_path, classes)
+    info = common.DatasetInfo(name='flir', companion='thermal', classes_2d=classes,
+                              seg_classes=(), sources=(os.path.abspath(fv.input_dir),),
+                              options=dataclasses.asdict(options))
+    convert = functools.partial(pair_frame, thermal_boxes=thermal_boxes, options=options,
+                                config=config)
+    metadata = common.run(list_pairs(fv.input_dir, options), convert, info, config)
+  print(common.summarize(metadata, config))
+  return metadata
+
+
+def main(argv: Sequence[str]) -> dict[str, Any] | None:
+  """Runs the CLI on a full command line [program, --flag=value, ...] (in-process entry)."""
+  return run_from_flags(common.parse_flags(define_flags, argv), argv)
+
+
+if __name__ == '__main__':
+  define_flags(flags.FLAGS)
+  app.run(common.absl_main(run_from_flags))

@@ -1,0 +1,297 @@
+"""nuScenes (read through nuscenes-devkit) -> ArrayRecord shards.
+
+Input: --input_dir = the devkit's dataroot (<version>/*.json tables, samples/, maps/ and, if
+installed, lidarseg/<version>/*.bin). Only keyframes (the 2 Hz annotated samples) are used.
+
+Per sample and camera (--cameras, default CAM_FRONT):
+  rgb           the camera JPEG, centre-cropped to the stored aspect ratio and resized
+                (default 288 x 512 keeps nuScenes' 16:9 without cropping)
+  companion     LIDAR_TOP keyframe sweep projected into the camera through the ego poses at
+                both sensors' timestamps: lidar -> ego(t_lidar) -> global -> ego(t_cam) ->
+                camera; points nearer than --min_depth (1 m, the devkit's own choice, drops
+                returns from the ego vehicle) removed; nearest point wins; depth / 80 m
+  depth_target  the same map in metres
+  seg           lidarseg point labels projected the same way (sparse: 255 where no point),
+                mapped to the 16 classes of the nuScenes-lidarseg challenge
+                (devkit LidarsegClassMapper; its 'ignore' -> 255), class index = challenge
+                index - 1; all 255 when the dataroot has no lidarseg
+  boxes3d       sample annotations in the camera frame (yaw about camera y): the devkit's
+                detection mapping gives car and pedestrian (adult, child, police officer,
+                construction worker); vehicle.bicycle with attribute cycle.with_rider ->
+                cyclist (bicycles without a rider are dropped, like every other class);
+                kept when the whole box is in front of the camera and overlaps the image
+  boxes2d       those boxes projected and clipped (classes_2d = CLASSES_3D)
+  intrinsics    the calibrated camera_intrinsic, scaled to the stored grid
+Work unit = one scene; a sample whose LiDAR, label or image file is missing or corrupt is
+skipped and reported by file name (see data_prep/common.py for sharding and metadata.json).
+
+Run it as a module (`python -m`): a script named nuscenes.py would shadow the devkit.
+  python -m data_prep.nuscenes --input_dir=/data/nuscenes --version=v1.0-trainval \
+      --scene_split=train --split=train --output_dir=/data/prepared/nuscenes --num_shards=32
+  python -m data_prep.nuscenes --input_dir=/data/nuscenes --version=v1.0-trainval \
+      --scene_split=val --split=val --output_dir=/data/prepared/nuscenes --num_shards=8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import app
+from absl import flags
+from nuscenes.eval.detection.utils import category_to_detection_name
+from nuscenes.eval.lidarseg.utils import LidarsegClassMapper
+from nuscenes.nuscenes import NuScenes
+from nuscenes.utils.data_classes import LidarPointCloud
+from nuscenes.utils.geometry_utils import transform_matrix
+from nuscenes.utils.splits import create_splits_scenes
+from PIL import Image
+from pyquaternion import Quaternion
+
+from data_prep import common
+from data_prep import depth
+from lemumo_jax.data import geometry
+from lemumo_jax.data import schema
+
+# nuScenes-lidarseg challenge classes by index 1..16 (0 = ignore), the devkit's coarse map.
+SEG_CLASSES = ('barrier', 'bicycle', 'bus', 'car', 'construction_vehicle', 'motorcycle',
+               'pedestrian', 'traffic_cone', 'trailer', 'truck', 'driveable_surface',
+               'other_flat', 'sidewalk', 'terrain', 'manmade', 'vegetation')
+CYCLIST_ATTRIBUTE = 'cycle.with_rider'
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  version: str = 'v1.0-trainval'
+  scene_split: str = 'train'
+  cameras: tuple[str, ...] = ('CAM_FRONT',)
+  min_depth: float = 1.0
+
+
+def box_class(category_name: str, attribute_names: Sequence[str]) -> int | None:
+  """CLASSES_3D index of an annotation, or None for classes we drop."""
+  name = category_to_detection_name(category_name)
+  if name in ('car', 'pedestrian'):
+    return schema.CLASSES_3D.index(name)
+  if name == 'bicycle' and CYCLIST_ATTRIBUTE in attribute_names:
+    return schema.CLASSES_3D.index('cyclist')
+  return None
+
+
+def _pose(record: dict[str, Any], inverse: bool = False) -> np.ndarray:
+  """[4, 4] of a calibrated_sensor / ego_pose record (sensor -> ego, ego -> global)."""
+  return transform_matrix(record['translation'], Quaternion(record['rotation']), inverse=inverse)
+
+
+def camera_from_global(nusc, camera_sd: dict[str, Any]) -> np.ndarray:
+  calibration = nusc.get('calibrated_sensor', camera_sd['calibrated_sensor_token'])
+  ego = nusc.get('ego_pose', camera_sd['ego_pose_token'])
+  return _pose(calibration, inverse=True) @ _pose(ego, inverse=True)
+
+
+def global_from_sensor(nusc, sd: dict[str, Any]) -> np.ndarray:
+  calibration = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+  return _pose(nusc.get('ego_pose', sd['ego_pose_token'])) @ _pose(calibration)
+
+
+def annotation_boxes(nusc, sample: dict[str, Any],
+                     cam_from_global: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Schema boxes [K, 7] in the camera frame and CLASSES_3D indices [K] of a sample."""
+  boxes, classes = [], []
+  for token in sample['anns']:
+    annotation = nusc.get('sample_annotation', token)
+    attributes = [nusc.get('attribute', t)['name'] for t in annotation['attribute_tokens']]
+    cls = box_class(annotation['category_name'], attributes)
+    if cls is None:
+      continue
+    box = nusc.get_box(token)  # global frame; wlh = width, length, height
+    center = geometry.transform_points(cam_from_global, box.center[None])[0]
+    length_axis = cam_from_global[:3, :3] @ box.rotation_matrix[:, 0]
+    yaw = np.arctan2(-length_axis[2], length_axis[0])
+    width, length, height = box.wlh
+    boxes.append([*center, length, width, height, yaw])
+    classes.append(cls)
+  return np.asarray(boxes, np.float64).reshape(-1, 7), np.asarray(classes, np.int32)
+
+
+def load_points(path: str) -> np.ndarray:
+  """[P, 3] points of a .pcd.bin file (x, y, z, intensity, ring as float32)."""
+  try:
+    return LidarPointCloud.from_file(path).points[:3].T.astype(np.float64)
+  except (OSError, ValueError) as e:
+    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+
+
+def load_lidarseg(path: str, num_points: int, fine_to_seg: np.ndarray) -> np.ndarray:
+  """[P] uint8 stored class per point from a lidarseg .bin (one uint8 fine label each)."""
+  try:
+    fine = np.fromfile(path, dtype=np.uint8)
+  except OSError as e:
+    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+  if fine.size != num_points:
+    raise common.CorruptInputError(path, f'{fine.size} labels for {num_points} points')
+  return fine_to_seg[fine]
+
+
+def fine_to_seg_table(nusc) -> np.ndarray:
+  """[256] uint8 lookup: lidarseg fine index -> stored class (challenge index - 1, 255)."""
+  with contextlib.redirect_stdout(io.StringIO()):
+    mapper = LidarsegClassMapper(nusc)
+  coarse_names = {i: n for n, i in mapper.coarse_name_2_coarse_idx_mapping.items()}
+  assert tuple(coarse_names[i] for i in range(1, len(SEG_CLASSES) + 1)) == SEG_CLASSES
+  table = np.full(256, schema.IGNORE_LABEL, np.uint8)
+  for fine, coarse in mapper.fine_idx_2_coarse_idx_mapping.items():
+    if coarse != mapper.ignore_class['index']:
+      table[fine] = coarse - 1
+  return table
+
+
+def _load_image(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except Exception as e:  # PIL raises several unrelated types for broken images
+    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+
+
+def sample_frame(nusc, sample: dict[str, Any], index: int, camera: str, scene_name: str,
+                 lidarseg_files: dict[str, str], fine_to_seg: np.ndarray | None,
+                 options: Options, config: common.RunConfig) -> common.Frame:
+  missing = {'LIDAR_TOP', camera} - set(sample['data'])
+  if missing:
+    raise common.CorruptInputError(f'sample {sample["token"]}', f'no keyframe of {missing}')
+  lidar_sd = nusc.get('sample_data', sample['data']['LIDAR_TOP'])
+  camera_sd = nusc.get('sample_data', sample['data'][camera])
+  camera_path = os.path.join(nusc.dataroot, camera_sd['filename'])
+  rgb = _load_image(camera_path)
+  height, width = config.image_height, config.image_width
+  grid = depth.GridTransform.center_crop(rgb.shape[0], rgb.shape[1], height, width)
+  calibration = nusc.get('calibrated_sensor', camera_sd['calibrated_sensor_token'])
+  intrinsics = grid.intrinsics(depth.opencv_to_grid_intrinsics(calibration['camera_intrinsic']))
+
+  lidar_path = os.path.join(nusc.dataroot, lidar_sd['filename'])
+  points = load_points(lidar_path)
+  cam_from_global = camera_from_global(nusc, camera_sd)
+  points_cam = geometry.transform_points(cam_from_global @ global_from_sensor(nusc, lidar_sd),
+                                         points)
+  near = points_cam[:, 2] >= options.min_depth
+  companion, depth_m = geometry.render_depth(points_cam[near], intrinsics, height, width)
+  if fine_to_seg is not None and lidar_sd['token'] in lidarseg_files:
+    labels = load_lidarseg(os.path.join(nusc.dataroot, lidarseg_files[lidar_sd['token']]),
+                           len(points), fine_to_seg)
+    uv, z = geometry.project_points(points_cam[near], intrinsics)
+    seg = depth.render_labels(uv, z, labels[near], height, width)
+  else:
+    seg = np.full((height, width), schema.IGNORE_LABEL, np.uint8)
+
+  boxes3d, classes = annotation_boxes(nusc, sample, cam_from_global)
+  boxes2d, keep = geometry.boxes3d_to_2d(boxes3d, intrinsics, height, width)
+  record = {
+      'rgb': grid.rgb(rgb),
+      'companion': companion,
+      'depth_target': depth_m,
+      'seg': seg,
+      'boxes3d': boxes3d[keep].astype(np.float32),
+      'boxes3d_cls': classes[keep],
+      'boxes2d': boxes2d[keep],
+      'boxes2d_cls': classes[keep],
+      'intrinsics': intrinsics.astype(np.float32),
+      'meta': {'dataset': 'nuscenes', 'scene': scene_name, 'frame': index, 'camera': camera,
+               'timestamp': int(camera_sd['timestamp'])},
+  }
+  source_jpeg = None
+  if grid.is_identity and camera_path.lower().endswith(('.jpg', '.jpeg')):
+    with open(camera_path, 'rb') as f:
+      source_jpeg = f.read()
+  return record, source_jpeg
+
+
+def convert_scene(scene_token: str, stats: common.ShardStats, nusc, lidarseg_files,
+                  fine_to_seg, options: Options,
+                  config: common.RunConfig) -> Iterator[common.Frame]:
+  """Keyframes of one scene (a work unit); corrupt samples are skipped one by one."""
+  scene = nusc.get('scene', scene_token)
+  token, index = scene['first_sample_token'], 0
+  while token:
+    sample = nusc.get('sample', token)
+    for camera in options.cameras:
+      try:
+        yield sample_frame(nusc, sample, index, camera, scene['name'], lidarseg_files,
+                           fine_to_seg, options, config)
+      except common.CorruptInputError as e:
+        stats.skip(e.path, e.reason)
+    token, index = sample['next'], index + 1
+
+
+def scenes_of_split(nusc, scene_split: str) -> list[dict[str, Any]]:
+  if scene_split == 'all':
+    return list(nusc.scene)
+  splits = create_splits_scenes()
+  if scene_split not in splits:
+    raise app.UsageError(f'--scene_split={scene_split!r}: expected all or one of {sorted(splits)}')
+  names = set(splits[scene_split])
+  scenes = [s for s in nusc.scene if s['name'] in names]
+  if not scenes:
+    raise app.UsageError(f'--scene_split={scene_split}: none of its scenes is in '
+                         f'{nusc.version} at {nusc.dataroot}')
+  return scenes
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  common.define_common_flags(fv, image_height=288, image_width=512)
+  flags.DEFINE_string('input_dir', None, 'nuScenes dataroot.', flag_values=fv)
+  flags.DEFINE_string('version', 'v1.0-trainval', 'Table version under input_dir.',
+                      flag_values=fv)
+  flags.DEFINE_string('scene_split', 'train', "Devkit scene split (train, val, test, "
+                      "mini_train, mini_val, ...) or 'all'.", flag_values=fv)
+  flags.DEFINE_list('cameras', ['CAM_FRONT'], 'Camera channels, one record each per sample.',
+                    flag_values=fv)
+  flags.DEFINE_float('min_depth', 1.0, 'Drop LiDAR points nearer than this (metres).',
+                     flag_values=fv)
+
+
+def run_from_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any] | None:
+  config = common.config_from_flags(fv, argv)
+  if fv.finalize:
+    metadata = common.finalize(config.output_dir, argv)
+  else:
+    if not fv.input_dir:
+      raise app.UsageError('--input_dir is required unless --finalize')
+    with contextlib.redirect_stdout(io.StringIO()):  # the devkit prints its loading progress
+      nusc = NuScenes(version=fv.version, dataroot=fv.input_dir, verbose=False)
+    channels = {s['channel'] for s in nusc.sensor if s['modality'] == 'camera'}
+    if not set(fv.cameras) <= channels:
+      raise app.UsageError(f'--cameras={fv.cameras}: cameras of {fv.version} are '
+                           f'{sorted(channels)}')
+    options = Options(fv.version, fv.scene_split, tuple(fv.cameras), fv.min_depth)
+    lidarseg_files, fine_to_seg = {}, None
+    if getattr(nusc, 'lidarseg', None):
+      lidarseg_files = {r['sample_data_token']: r['filename'] for r in nusc.lidarseg}
+      fine_to_seg = fine_to_seg_table(nusc)
+    info = common.DatasetInfo(
+        name='nuscenes', companion='depth', classes_2d=schema.CLASSES_3D,
+        seg_classes=SEG_CLASSES, sources=(os.path.abspath(fv.input_dir),),
+        options={**dataclasses.asdict(options), 'lidarseg': fine_to_seg is not None})
+    units = [common.WorkUnit(s['name'], s['token']) for s in scenes_of_split(nusc,
+                                                                             fv.scene_split)]
+    convert = functools.partial(convert_scene, nusc=nusc, lidarseg_files=lidarseg_files,
+                                fine_to_seg=fine_to_seg, options=options, config=config)
+    metadata = common.run(units, convert, info, config)
+  print(common.summarize(metadata, config))
+  return metadata
+
+
+def main(argv: Sequence[str]) -> dict[str, Any] | None:
+  """Runs the CLI on a full command line [program, --flag=value, ...] (in-process entry)."""
+  return run_from_flags(common.parse_flags(define_flags, argv), argv)
+
+
+if __name__ == '__main__':
+  define_flags(flags.FLAGS)
+  app.run(common.absl_main(run_from_flags))

@@ -1,0 +1,413 @@
+"""Waymo Open Dataset perception v1 (TFRecord files of Frame protos) -> ArrayRecord shards.
+
+Input: the v1 release's TFRecord files, one driving segment per file, one serialized
+waymo.open_dataset.Frame per record at 10 Hz. The TFRecord framing is read with
+tf.data.TFRecordDataset (maintained, checks the CRCs and reports a truncated file as
+DataLossError); TensorFlow is imported lazily, in the reader only. Frames are parsed with the
+waymo-open-dataset wheel's dataset_pb2 (plain protobuf); its TF-based range-image utilities
+are reimplemented in numpy here (tests/test_data_prep_waymo.py checks them against the
+wheel's own frame_utils).
+
+Per kept frame (every --frame_stride-th of a segment, default 5: 10 Hz -> 2 Hz) and camera:
+  rgb           the camera JPEG, centre-cropped to the stored aspect ratio and resized
+  companion     LiDAR depth map / 80 m: the first returns of every laser (TOP through its
+                per-pixel ego pose) in the vehicle frame, then the camera frame; each return
+                sits at the pixel of Waymo's own camera projection where the range image
+                carries one (it models lens distortion and the rolling shutter), otherwise at
+                its pinhole projection (--projection=pinhole forces the latter); nearest wins
+  depth_target  the same map in metres (camera z)
+  seg           the camera_segmentation_label where present (semantic = panoptic // divisor,
+                class index = Waymo CameraSegmentation type - 1, TYPE_UNDEFINED -> 255); 255
+                everywhere on frames without one
+  boxes3d       laser labels TYPE_VEHICLE -> car, TYPE_PEDESTRIAN -> pedestrian, TYPE_CYCLIST
+                -> cyclist (TYPE_SIGN, TYPE_UNKNOWN dropped), moved into the camera frame with
+                yaw about camera y, kept when the whole box is in front of the camera and its
+                projection overlaps the image
+  boxes2d       those boxes projected with the pinhole K and clipped (classes_2d = CLASSES_3D)
+  intrinsics    the pinhole K of the stored image from the calibration's [f_u, f_v, c_u, c_v,
+                k1, k2, p1, p2, k3]; the distortion terms are ignored
+Work unit = one TFRecord file; a file that cannot be read or parsed is skipped as a whole
+and reported by name (see data_prep/common.py for sharding, resuming and metadata.json).
+
+Usage (one process; or one array-job task each with --shard_index=$TASK_ID):
+  python -m data_prep.waymo --input_glob='/data/waymo/v1/training/*.tfrecord' \
+      --output_dir=/data/prepared/waymo --split=train --num_shards=64 [--shard_index=i]
+  python -m data_prep.waymo --input_glob='/data/waymo/v1/validation/*.tfrecord' \
+      --output_dir=/data/prepared/waymo --split=val --num_shards=16
+  python -m data_prep.waymo --output_dir=/data/prepared/waymo --finalize
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import io
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import app
+from absl import flags
+from google.protobuf.message import DecodeError
+from PIL import Image
+from waymo_open_dataset import dataset_pb2
+from waymo_open_dataset import label_pb2
+from waymo_open_dataset.protos import camera_segmentation_pb2
+
+from data_prep import common
+from data_prep import depth
+from lemumo_jax.data import geometry
+from lemumo_jax.data import schema
+
+LABEL_CLASSES = {
+    label_pb2.Label.TYPE_VEHICLE: schema.CLASSES_3D.index('car'),
+    label_pb2.Label.TYPE_PEDESTRIAN: schema.CLASSES_3D.index('pedestrian'),
+    label_pb2.Label.TYPE_CYCLIST: schema.CLASSES_3D.index('cyclist'),
+}
+_SEG_TYPES = sorted(camera_segmentation_pb2.CameraSegmentation.Type.items(), key=lambda kv: kv[1])
+# Index = Waymo type value - 1 (TYPE_UNDEFINED = 0 becomes the ignore label).
+SEG_CLASSES = tuple(name[len('TYPE_'):].lower() for name, value in _SEG_TYPES if value > 0)
+assert [value for _, value in _SEG_TYPES] == list(range(len(SEG_CLASSES) + 1)), _SEG_TYPES
+
+# Waymo's camera frame (x forward, y left, z up) -> ours (x right, y down, z forward).
+WAYMO_CAMERA_TO_OURS = np.array(
+    [[0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  cameras: tuple[str, ...] = ('FRONT',)
+  frame_stride: int = 5
+  projection: str = 'auto'  # 'auto': Waymo's camera projections where present; 'pinhole'
+
+
+def _tensorflow():
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')  # the reader needs no accelerator; JAX owns it
+  except RuntimeError:
+    pass  # devices were initialised earlier in this process
+  return tf
+
+
+def read_frames(path: str, stride: int) -> Iterator[tuple[int, bytes]]:
+  """Yields (index in the segment, serialized Frame) for every stride-th record of a file."""
+  tf = _tensorflow()
+  try:
+    for index, raw in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+      if index % stride == 0:
+        yield index, raw
+  except tf.errors.OpError as e:
+    raise common.CorruptInputError(path, f'{type(e).__name__}: {e.message}') from e
+
+
+def _transform(proto: dataset_pb2.Transform, path: str, what: str) -> np.ndarray:
+  values = np.asarray(proto.transform, np.float64)
+  if values.size != 16:
+    raise common.CorruptInputError(path, f'{what} has {values.size} values, expected 16')
+  return values.reshape(4, 4)
+
+
+def _decompress(blob: bytes, message_cls, path: str, what: str) -> np.ndarray:
+  """zlib-compressed serialized MatrixFloat / MatrixInt32 -> array of its shape.dims."""
+  try:
+    message = message_cls.FromString(zlib.decompress(blob))
+  except (zlib.error, DecodeError) as e:
+    raise common.CorruptInputError(path, f'{what}: {type(e).__name__}: {e}') from e
+  dims = tuple(message.shape.dims)
+  data = np.asarray(message.data)
+  if data.size != int(np.prod(dims)):
+    raise common.CorruptInputError(path, f'{what}: {data.size} values for shape {dims}')
+  return data.reshape(dims)
+
+
+def rotation_rpy(roll: np.ndarray, pitch: np.ndarray, yaw: np.ndarray) -> np.ndarray:
+  """[..., 3, 3] = Rz(yaw) Ry(pitch) Rx(roll), Waymo's convention for range-image pixel poses."""
+  cr, sr, cp, sp, cy, sy = (np.cos(roll), np.sin(roll), np.cos(pitch), np.sin(pitch),
+                            np.cos(yaw), np.sin(yaw))
+  return np.stack([
+      np.stack([cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr], -1),
+      np.stack([sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr], -1),
+      np.stack([-sp, cp * sr, cp * cr], -1),
+  ], -2)
+
+
+def beam_inclinations(calibration: dataset_pb2.LaserCalibration, height: int) -> np.ndarray:
+  """[H] inclination of each range-image row, row 0 = the highest beam (radians).
+
+  Calibrations list beams bottom-up; lasers without a list have uniformly spaced beams between
+  beam_inclination_min and _max, each at the centre of its bin.
+  """
+  if len(calibration.beam_inclinations):
+    inclinations = np.asarray(calibration.beam_inclinations, np.float64)
+  else:
+    low, high = calibration.beam_inclination_min, calibration.beam_inclination_max
+    inclinations = low + (np.arange(height) + 0.5) / height * (high - low)
+  return inclinations[::-1]
+
+
+def range_image_to_points(range_m: np.ndarray, extrinsic: np.ndarray, inclinations: np.ndarray,
+                          pixel_pose: np.ndarray | None = None,
+                          frame_pose: np.ndarray | None = None) -> np.ndarray:
+  """Range image [H, W] (metres) -> points [H, W, 3] in the vehicle frame at frame_pose.
+
+  Column c looks along azimuth pi - (c + 0.5) 2 pi / W in the vehicle-aligned laser frame, so
+  the laser's yaw in its extrinsic is subtracted. pixel_pose [H, W, 6] (roll, pitch, yaw, x,
+  y, z: vehicle -> world when that pixel fired; TOP only) undoes the ego motion during the
+  sweep, through the world frame back into the vehicle frame at frame_pose [4, 4].
+  """
+  height, width = range_m.shape
+  range_m = np.asarray(range_m, np.float64)
+  az_correction = np.arctan2(extrinsic[1, 0], extrinsic[0, 0])
+  azimuth = ((width - np.arange(width) - 0.5) / width * 2.0 - 1.0) * np.pi - az_correction
+  inclination = np.asarray(inclinations, np.float64)[:, None]
+  cos_incl = np.cos(inclination)
+  points = np.stack([np.cos(azimuth)[None] * cos_incl * range_m,
+                     np.sin(azimuth)[None] * cos_incl * range_m,
+                     np.sin(inclination) * range_m], -1)
+  points = geometry.transform_points(extrinsic, points.reshape(-1, 3)).reshape(height, width, 3)
+  if pixel_pose is not None:
+    pixel_pose = np.asarray(pixel_pose, np.float64)
+    rotation = rotation_rpy(pixel_pose[..., 0], pixel_pose[..., 1], pixel_pose[..., 2])
+    world = np.einsum('hwij,hwj->hwi', rotation, points) + pixel_pose[..., 3:]
+    points = geometry.transform_points(np.linalg.inv(frame_pose), world.reshape(-1, 3))
+    points = points.reshape(height, width, 3)
+  return points
+
+
+@dataclasses.dataclass(frozen=True)
+class LidarReturns:
+  points: np.ndarray  # [P, 3] vehicle frame
+  projections: np.ndarray  # [P, 6] int (camera, x, y, camera, x, y); 0 = no camera
+  has_projection: np.ndarray  # [P] bool: the laser's range image carried projections
+
+
+def lidar_returns(frame: dataset_pb2.Frame, calibrations: dict[int, Any],
+                  path: str) -> LidarReturns:
+  """First returns (range > 0) of every laser, lasers in name order, pixels row-major."""
+  points, projections, has_projection = [], [], []
+  frame_pose = _transform(frame.pose, path, 'frame pose')
+  for laser in sorted(frame.lasers, key=lambda laser: laser.name):
+    ri = laser.ri_return1
+    if not ri.range_image_compressed:
+      continue
+    laser_name = dataset_pb2.LaserName.Name.Name(laser.name)
+    if laser.name not in calibrations:
+      raise common.CorruptInputError(path, f'frame has no calibration for laser {laser_name}')
+    calibration = calibrations[laser.name]
+    image = _decompress(ri.range_image_compressed, dataset_pb2.MatrixFloat, path,
+                        f'{laser_name} range image')
+    range_m = image[..., 0]
+    pixel_pose = None
+    if laser.name == dataset_pb2.LaserName.TOP and ri.range_image_pose_compressed:
+      pixel_pose = _decompress(ri.range_image_pose_compressed, dataset_pb2.MatrixFloat, path,
+                               f'{laser_name} range image pose')
+    inclinations = beam_inclinations(calibration, range_m.shape[0])
+    if inclinations.size != range_m.shape[0]:
+      raise common.CorruptInputError(path, f'{laser_name}: {inclinations.size} beam '
+                                     f'inclinations for a range image of {range_m.shape[0]} rows')
+    xyz = range_image_to_points(range_m, _transform(calibration.extrinsic, path, 'extrinsic'),
+                                inclinations, pixel_pose, frame_pose)
+    valid = range_m > 0
+    points.append(xyz[valid])
+    if ri.camera_projection_compressed:
+      cp = _decompress(ri.camera_projection_compressed, dataset_pb2.MatrixInt32, path,
+                       f'{laser_name} camera projection')
+      projections.append(cp[valid].astype(np.int64))
+      has_projection.append(np.ones(int(valid.sum()), bool))
+    else:
+      projections.append(np.zeros((int(valid.sum()), 6), np.int64))
+      has_projection.append(np.zeros(int(valid.sum()), bool))
+  if not points:
+    return LidarReturns(np.zeros((0, 3)), np.zeros((0, 6), np.int64), np.zeros(0, bool))
+  return LidarReturns(np.concatenate(points), np.concatenate(projections),
+                      np.concatenate(has_projection))
+
+
+def camera_from_vehicle(calibration: dataset_pb2.CameraCalibration, path: str) -> np.ndarray:
+  """[4, 4] vehicle frame -> our camera frame (the extrinsic is camera -> vehicle)."""
+  extrinsic = _transform(calibration.extrinsic, path, 'camera extrinsic')
+  return WAYMO_CAMERA_TO_OURS @ np.linalg.inv(extrinsic)
+
+
+def camera_intrinsics(calibration: dataset_pb2.CameraCalibration, path: str) -> np.ndarray:
+  """[3, 3] pinhole K (OpenCV pixel convention) from [f_u, f_v, c_u, c_v, distortion...]."""
+  values = list(calibration.intrinsic)
+  if len(values) < 4:
+    raise common.CorruptInputError(path, f'camera intrinsic has {len(values)} values')
+  f_u, f_v, c_u, c_v = values[:4]
+  return np.array([[f_u, 0, c_u], [0, f_v, c_v], [0, 0, 1]], np.float64)
+
+
+def vehicle_boxes_to_camera(boxes: np.ndarray, cam_from_vehicle: np.ndarray) -> np.ndarray:
+  """[K, 7] (x, y, z, length, width, height, heading about vehicle z) -> schema boxes [K, 7].
+
+  Yaw is the heading direction's angle in the camera x-z plane (rotation about camera y);
+  the camera's small roll/pitch relative to the ground is not carried into the box.
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
+  centers = geometry.transform_points(cam_from_vehicle, boxes[:, :3])
+  heading = np.stack([np.cos(boxes[:, 6]), np.sin(boxes[:, 6]), np.zeros(len(boxes))], -1)
+  direction = heading @ cam_from_vehicle[:3, :3].T
+  yaw = np.arctan2(-direction[:, 2], direction[:, 0])
+  return np.concatenate([centers, boxes[:, 3:6], yaw[:, None]], -1)
+
+
+def laser_boxes(frame: dataset_pb2.Frame) -> tuple[np.ndarray, np.ndarray]:
+  """Vehicle-frame boxes [K, 7] and CLASSES_3D indices [K] of the kept laser labels."""
+  boxes, classes = [], []
+  for label in frame.laser_labels:
+    if label.type in LABEL_CLASSES:
+      b = label.box
+      boxes.append([b.center_x, b.center_y, b.center_z, b.length, b.width, b.height, b.heading])
+      classes.append(LABEL_CLASSES[label.type])
+  return np.asarray(boxes, np.float64).reshape(-1, 7), np.asarray(classes, np.int32)
+
+
+def _decode_image(data: bytes, path: str, what: str) -> np.ndarray:
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return np.asarray(image)
+  except Exception as e:  # PIL raises several unrelated types for broken images
+    raise common.CorruptInputError(path, f'{what}: {type(e).__name__}: {e}') from e
+
+
+def camera_segmentation(image: dataset_pb2.CameraImage, grid: depth.GridTransform,
+                        path: str) -> np.ndarray:
+  label = image.camera_segmentation_label
+  if not label.panoptic_label:
+    return np.full((grid.height, grid.width), schema.IGNORE_LABEL, np.uint8)
+  if label.panoptic_label_divisor <= 0:
+    raise common.CorruptInputError(path, 'camera segmentation has no panoptic_label_divisor')
+  semantic = _decode_image(label.panoptic_label, path, 'panoptic label').astype(np.int64)
+  semantic //= label.panoptic_label_divisor
+  known = (semantic >= 1) & (semantic <= len(SEG_CLASSES))
+  source = np.where(known, semantic - 1, schema.IGNORE_LABEL).astype(np.uint8)
+  if source.shape != (grid.src_height, grid.src_width):
+    raise common.CorruptInputError(path, f'panoptic label shape {source.shape} != image shape '
+                                   f'{(grid.src_height, grid.src_width)}')
+  return grid.labels(source)
+
+
+def camera_frame(frame: dataset_pb2.Frame, frame_index: int, image: dataset_pb2.CameraImage,
+                 calibration: dataset_pb2.CameraCalibration, lidar: LidarReturns,
+                 options: Options, config: common.RunConfig, path: str) -> common.Frame:
+  """One record: a camera image of a frame with its depth map, labels and boxes."""
+  camera = dataset_pb2.CameraName.Name.Name(image.name)
+  rgb = _decode_image(image.image, path, f'frame {frame_index} {camera} image')
+  if rgb.ndim != 3 or rgb.shape[2] != 3:
+    raise common.CorruptInputError(path, f'{camera} image has shape {rgb.shape}')
+  if (calibration.height, calibration.width) != rgb.shape[:2]:
+    raise common.CorruptInputError(path, f'{camera} image {rgb.shape[:2]} != calibration '
+                                   f'{(calibration.height, calibration.width)}')
+  height, width = config.image_height, config.image_width
+  grid = depth.GridTransform.center_crop(rgb.shape[0], rgb.shape[1], height, width)
+  intrinsics = grid.intrinsics(depth.opencv_to_grid_intrinsics(
+      camera_intrinsics(calibration, path)))
+  cam_from_vehicle = camera_from_vehicle(calibration, path)
+
+  points_cam = geometry.transform_points(cam_from_vehicle, lidar.points)
+  uv, z = geometry.project_points(points_cam, intrinsics)
+  if options.projection == 'auto':
+    cp = lidar.projections
+    first = lidar.has_projection & (cp[:, 0] == image.name)
+    second = lidar.has_projection & (cp[:, 3] == image.name) & ~first
+    # A return with projections is visible in this camera only where Waymo says so; its
+    # integer (column, row) names a pixel, whose centre is at +0.5.
+    uv[lidar.has_projection] = np.nan
+    uv[first] = grid.points(cp[first, 1:3] + 0.5)
+    uv[second] = grid.points(cp[second, 4:6] + 0.5)
+  companion, depth_m = depth.render_depth_at_pixels(uv, z, height, width)
+
+  boxes_v, classes = laser_boxes(frame)
+  boxes3d = vehicle_boxes_to_camera(boxes_v, cam_from_vehicle)
+  boxes2d, keep = geometry.boxes3d_to_2d(boxes3d, intrinsics, height, width)
+  record = {
+      'rgb': grid.rgb(rgb),
+      'companion': companion,
+      'depth_target': depth_m,
+      'seg': camera_segmentation(image, grid, path),
+      'boxes3d': boxes3d[keep].astype(np.float32),
+      'boxes3d_cls': classes[keep],
+      'boxes2d': boxes2d[keep],
+      'boxes2d_cls': classes[keep],
+      'intrinsics': intrinsics.astype(np.float32),
+      'meta': {'dataset': 'waymo', 'scene': frame.context.name, 'frame': frame_index,
+               'camera': camera, 'timestamp': int(frame.timestamp_micros)},
+  }
+  return record, (image.image if grid.is_identity else None)
+
+
+def convert_segment(path: str, stats: common.ShardStats, options: Options,
+                    config: common.RunConfig) -> Iterator[common.Frame]:
+  """Frames of one TFRecord file (a work unit)."""
+  del stats  # a corrupt file is dropped whole, by raising
+  camera_ids = [dataset_pb2.CameraName.Name.Value(name) for name in options.cameras]
+  camera_calibrations: dict[int, Any] = {}
+  laser_calibrations: dict[int, Any] = {}
+  for index, raw in read_frames(path, options.frame_stride):
+    try:
+      frame = dataset_pb2.Frame.FromString(raw)
+    except DecodeError as e:
+      raise common.CorruptInputError(path, f'record {index}: not a Frame proto: {e}') from e
+    # Every v1 frame repeats the segment's calibrations; keep the last ones seen regardless.
+    camera_calibrations.update({c.name: c for c in frame.context.camera_calibrations})
+    laser_calibrations.update({c.name: c for c in frame.context.laser_calibrations})
+    lidar = lidar_returns(frame, laser_calibrations, path)
+    images = {image.name: image for image in frame.images}
+    for camera_id, camera in zip(camera_ids, options.cameras):
+      if camera_id not in images or camera_id not in camera_calibrations:
+        raise common.CorruptInputError(path, f'frame {index} has no {camera} image/calibration')
+      yield camera_frame(frame, index, images[camera_id], camera_calibrations[camera_id], lidar,
+                         options, config, path)
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  common.define_common_flags(fv, image_height=320, image_width=480)
+  flags.DEFINE_list('input_glob', None, 'Glob(s) of Waymo v1 .tfrecord segment files.',
+                    flag_values=fv)
+  flags.DEFINE_list('cameras', ['FRONT'], 'Camera names (dataset_pb2.CameraName), one record '
+                    'each per kept frame.', flag_values=fv)
+  flags.DEFINE_integer('frame_stride', 5, 'Keep every n-th frame of a segment (10 Hz / 5 = '
+                       '2 Hz).', flag_values=fv)
+  flags.DEFINE_enum('projection', 'auto', ['auto', 'pinhole'], 'Where LiDAR returns land in the '
+                    "image: Waymo's camera projections when present, or always pinhole.",
+                    flag_values=fv)
+
+
+def run_from_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any] | None:
+  config = common.config_from_flags(fv, argv)
+  if fv.finalize:
+    metadata = common.finalize(config.output_dir, argv)
+  else:
+    if not fv.input_glob:
+      raise app.UsageError('--input_glob is required unless --finalize')
+    for name in fv.cameras:
+      if name not in dataset_pb2.CameraName.Name.keys() or name == 'UNKNOWN':
+        raise app.UsageError(f'--cameras: unknown camera {name!r}')
+    files = sorted({os.path.abspath(p) for pattern in fv.input_glob for p in glob.glob(pattern)})
+    if not files:
+      raise app.UsageError(f'--input_glob={",".join(fv.input_glob)} matches no files')
+    options = Options(tuple(fv.cameras), fv.frame_stride, fv.projection)
+    info = common.DatasetInfo(
+        name='waymo', companion='depth', classes_2d=schema.CLASSES_3D, seg_classes=SEG_CLASSES,
+        sources=tuple(fv.input_glob), options=dataclasses.asdict(options))
+    units = [common.WorkUnit(path, path) for path in files]
+    convert = functools.partial(convert_segment, options=options, config=config)
+    metadata = common.run(units, convert, info, config)
+  print(common.summarize(metadata, config))
+  return metadata
+
+
+def main(argv: Sequence[str]) -> dict[str, Any] | None:
+  """Runs the CLI on a full command line [program, --flag=value, ...] (in-process entry)."""
+  return run_from_flags(common.parse_flags(define_flags, argv), argv)
+
+
+if __name__ == '__main__':
+  define_flags(flags.FLAGS)
+  app.run(common.absl_main(run_from_flags))

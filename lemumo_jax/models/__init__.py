@@ -1,0 +1,1 @@
+"""Flax models: ViT pieces, fusion routing, encoder families, heads."""

@@ -1,0 +1,212 @@
+"""Every encoder family behind one interface: encoder(rgb, companion, *, train) -> Features.
+
+rgb [B, H, W, 3] and companion [B, H, W, C_comp] are float, already normalised, same H and W
+(divisible by patch_size). `build_encoder(cfg)` picks the family from `cfg.family`; a new
+family is one builder function added to `_FAMILIES`, nothing else changes.
+
+Families:
+  'vit'    single-modality ViT over `cfg.inputs` ('rgb' or 'companion'): LeJEPA RGB-only and
+           the LiDAR-only baseline.
+  'fusion' the Le MuMo encoder (paper section 3.3): [CLS, F, C, M] with fusion tokens F, a
+           layer-0 routing mask, then pruned (keep [CLS, F]) or persistent routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lemumo_jax.models import routing
+from lemumo_jax.models import vit
+
+
+class Features(flax.struct.PyTreeNode):
+  """Encoder outputs: cls [B, D] (final-normed CLS), patches [B, h, w, D] (final-normed patch
+  grid; the fusion tokens for 'fusion'), both float32."""
+  cls: jax.Array
+  patches: jax.Array
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+VIT_INPUTS = ('rgb', 'companion')
+LAYER0_IMPLS = ('structured', 'masked')
+
+
+def _check_pair(rgb: jax.Array, companion: jax.Array, companion_channels: int) -> None:
+  if rgb.ndim != 4 or rgb.shape[-1] != 3:
+    raise ValueError(f'rgb must be [B, H, W, 3], got shape {rgb.shape}')
+  if companion.ndim != 4 or companion.shape[-1] != companion_channels:
+    raise ValueError(f'companion must be [B, H, W, {companion_channels}] '
+                     f'(model.companion_channels), got shape {companion.shape}')
+  if rgb.shape[:3] != companion.shape[:3]:
+    raise ValueError(f'rgb {rgb.shape} and companion {companion.shape} differ in [B, H, W]')
+
+
+class ViTEncoder(vit.ViT):
+  """The 'vit' family: a ViT over one input (params at the top level, timm's layout)."""
+  inputs: str = 'rgb'
+  companion_channels: int = 1
+
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+    del train  # no dropout / drop-path
+    _check_pair(rgb, companion, self.companion_channels)
+    if self.inputs not in VIT_INPUTS:
+      raise ValueError(f'model.inputs must be one of {list(VIT_INPUTS)}, got {self.inputs!r}')
+    cls, patches = self.encode(rgb if self.inputs == 'rgb' else companion)
+    return Features(cls=cls, patches=patches)
+
+
+class FusionEncoder(nn.Module):
+  """Le MuMo fusion-token encoder -> Features(cls, patches = the n fusion tokens).
+
+  Tokens: CLS + pos[0]; F_i = fusion_tokens_i + pos_i + fusion_type_embed;
+  C_i = patch_embed(rgb)_i + pos_i + camera_type_embed; M_i = companion_embed(companion)_i +
+  pos_i + companion_type_embed. fusion_tokens and pos_embed are learned at the base grid of
+  img_size and resized to the input's grid.
+  """
+  img_size: int | Sequence[int]
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  companion_channels: int = 1
+  fusion_mode: str = 'pruned'        # routing.FUSION_MODES
+  # LAYER0_IMPLS. Pruned mode only: persistent routing keeps the C/M outputs of layer 0, which
+  # the structured computation never forms, so it always runs the masked reference.
+  layer0_impl: str = 'structured'
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.fusion_mode not in routing.FUSION_MODES:
+      raise ValueError(f'model.fusion_mode must be one of {list(routing.FUSION_MODES)}, '
+                       f'got {self.fusion_mode!r}')
+    if self.layer0_impl not in LAYER0_IMPLS:
+      raise ValueError(f'model.layer0_impl must be one of {list(LAYER0_IMPLS)}, '
+                       f'got {self.layer0_impl!r}')
+    if self.depth < 1:
+      raise ValueError(f'model.depth must be >= 1 for the fusion encoder, got {self.depth}')
+    grid = vit.base_grid(self.img_size, self.patch_size)
+    num_base = grid[0] * grid[1]
+    self.patch_embed = vit.PatchEmbed(self.patch_size, self.width, dtype=self.dtype)
+    self.companion_embed = vit.PatchEmbed(self.patch_size, self.width, dtype=self.dtype)
+    self.cls_token = self.param('cls_token', vit.token_init, (1, 1, self.width))
+    self.fusion_tokens = self.param('fusion_tokens', vit.token_init, (1, num_base, self.width))
+    # One position per spatial location, shared by F_i, C_i, M_i; index 0 is CLS.
+    self.pos_embed = self.param('pos_embed', vit.token_init, (1, 1 + num_base, self.width))
+    self.fusion_type_embed = self.param('fusion_type_embed', vit.token_init, (1, 1, self.width))
+    self.camera_type_embed = self.param('camera_type_embed', vit.token_init, (1, 1, self.width))
+    self.companion_type_embed = self.param('companion_type_embed', vit.token_init,
+                                           (1, 1, self.width))
+    self.blocks = [vit.EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype)
+                   for _ in range(self.depth)]
+    self.norm = vit.layer_norm(jnp.float32)
+
+  def tokens(self, rgb: jax.Array, companion: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """-> (sequence [B, 1 + 3n, D] in order [CLS, F, C, M] in the compute dtype, grid (h, w))."""
+    _check_pair(rgb, companion, self.companion_channels)
+    camera = self.patch_embed(rgb)
+    batch, h, w, width = camera.shape
+    n = h * w
+    camera = camera.reshape(batch, n, width)
+    modality = self.companion_embed(companion).reshape(batch, n, width)
+    grid = vit.base_grid(self.img_size, self.patch_size)
+    pos = vit.resize_grid_tokens(self.pos_embed[:, 1:], grid, (h, w))
+    fusion = vit.resize_grid_tokens(self.fusion_tokens, grid, (h, w))
+    cls = self.cls_token + self.pos_embed[:, :1]
+    x = jnp.concatenate([
+        jnp.broadcast_to(cls, (batch, 1, width)),
+        jnp.broadcast_to(fusion + pos + self.fusion_type_embed, (batch, n, width)),
+        camera + pos + self.camera_type_embed,
+        modality + pos + self.companion_type_embed,
+    ], axis=1)
+    return x.astype(self.dtype), (h, w)
+
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+    del train  # no dropout / drop-path
+    x, (h, w) = self.tokens(rgb, companion)
+    n = h * w
+    if self.fusion_mode == 'pruned':
+      if self.layer0_impl == 'structured':
+        x = self.blocks[0].fusion_layer0(x, n)
+      else:
+        x = self.blocks[0](x, _as_mask(routing.layer0_mask(n)))[:, :1 + n]
+      for block in self.blocks[1:]:
+        x = block(x)
+    else:
+      for layer, block in enumerate(self.blocks):
+        x = block(x, _as_mask(routing.attention_mask(n, layer, 'persistent')))
+    x = self.norm(x[:, :1 + n])
+    return Features(cls=x[:, 0], patches=x[:, 1:].reshape(x.shape[0], h, w, x.shape[-1]))
+
+
+def _as_mask(mask) -> jax.Array:
+  """bool [T, T] -> [1, 1, T, T], the broadcastable layout jax.nn.dot_product_attention takes."""
+  return jnp.asarray(mask)[None, None]
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+  value = cfg.get(key, default)
+  if value is None:
+    raise ValueError(f'model config is missing {key!r}')
+  return value
+
+
+def _choice(cfg: Mapping[str, Any], key: str, allowed: Sequence[str], default: str) -> str:
+  value = cfg.get(key, default)
+  if value not in allowed:
+    raise ValueError(f'model.{key} must be one of {list(allowed)}, got {value!r}')
+  return value
+
+
+def _img_size(cfg: Mapping[str, Any]):
+  size = _get(cfg, 'img_size')
+  return size if isinstance(size, int) else tuple(size)  # json round-trips tuples as lists
+
+
+def _vit_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields every transformer family shares."""
+  return dict(img_size=_img_size(cfg), patch_size=int(_get(cfg, 'patch_size')),
+              width=int(_get(cfg, 'width')), depth=int(_get(cfg, 'depth')),
+              num_heads=int(_get(cfg, 'num_heads')), mlp_ratio=float(cfg.get('mlp_ratio', 4.0)),
+              dtype=DTYPES[_choice(cfg, 'dtype', tuple(DTYPES), 'float32')])
+
+
+def _build_vit(cfg: Mapping[str, Any]) -> nn.Module:
+  return ViTEncoder(inputs=_choice(cfg, 'inputs', VIT_INPUTS, 'rgb'),
+                    companion_channels=int(cfg.get('companion_channels', 1)), **_vit_kwargs(cfg))
+
+
+def _build_fusion(cfg: Mapping[str, Any]) -> nn.Module:
+  mode = _choice(cfg, 'fusion_mode', routing.FUSION_MODES, 'pruned')
+  impl = _choice(cfg, 'layer0_impl', LAYER0_IMPLS, 'structured')
+  return FusionEncoder(fusion_mode=mode, layer0_impl=impl,
+                       companion_channels=int(cfg.get('companion_channels', 1)),
+                       **_vit_kwargs(cfg))
+
+
+_FAMILIES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
+    'vit': _build_vit,
+    'fusion': _build_fusion,
+}
+
+
+def families() -> list[str]:
+  return sorted(_FAMILIES)
+
+
+def build_encoder(cfg: Mapping[str, Any]) -> nn.Module:
+  """cfg (ConfigDict or dict): family, inputs, fusion_mode, layer0_impl, img_size, patch_size,
+  width, depth, num_heads, mlp_ratio, companion_channels, dtype -> encoder module."""
+  family = cfg.get('family')
+  if family not in _FAMILIES:
+    raise ValueError(f'model.family must be one of {families()}, got {family!r}')
+  return _FAMILIES[family](cfg)

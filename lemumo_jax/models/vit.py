@@ -1,0 +1,216 @@
+"""Flax ViT pieces named after timm's vision_transformer.py, so weights map across.
+
+Parameter paths: patch_embed/proj/{kernel,bias}, cls_token, pos_embed,
+blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}, norm. (timm's `blocks.i.x`
+becomes `blocks_i/x`; a Dense kernel is timm's Linear weight transposed, a Conv kernel
+[p, p, C, D] is timm's [D, C, p, p] permuted.)
+
+Precision: params are float32; `dtype` is the compute dtype (float32 or bfloat16); attention
+logits and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lemumo_jax.models import routing
+
+Dtype = Any
+
+LAYER_NORM_EPS = 1e-6
+token_init = nn.initializers.truncated_normal(stddev=0.02)
+dense_init = nn.initializers.xavier_uniform()
+
+
+def to_pair(size: int | Sequence[int]) -> tuple[int, int]:
+  """224 -> (224, 224); (320, 480) stays."""
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  pair = tuple(int(s) for s in size)
+  if len(pair) != 2:
+    raise ValueError(f'image size must be an int or (height, width), got {size!r}')
+  return pair
+
+
+def base_grid(img_size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
+  """Patch grid (gh, gw) of the base resolution that pos_embed / fusion tokens are learned at."""
+  height, width = to_pair(img_size)
+  if height % patch_size or width % patch_size:
+    raise ValueError(f'img_size {(height, width)} is not divisible by patch_size {patch_size}')
+  return height // patch_size, width // patch_size
+
+
+def resize_grid_tokens(tokens: jax.Array, grid: tuple[int, int],
+                       new_grid: tuple[int, int]) -> jax.Array:
+  """Bilinear resampling of grid-aligned tokens [1, gh * gw, D] -> [1, h * w, D].
+
+  The identity at the base grid (no resampling error for global crops at img_size);
+  antialiased when shrinking, as timm's resample_abs_pos_embed does.
+  """
+  if tuple(grid) == tuple(new_grid):
+    return tokens
+  width = tokens.shape[-1]
+  image = tokens.reshape((1,) + tuple(grid) + (width,))
+  image = jax.image.resize(image, (1,) + tuple(new_grid) + (width,), method='bilinear')
+  return image.reshape(1, new_grid[0] * new_grid[1], width)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
+  """x @ kernel + bias in the compute dtype (what nn.Dense does)."""
+  return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
+class PatchEmbed(nn.Module):
+  """images [B, H, W, C] -> patch tokens [B, H/p, W/p, D] (timm 'patch_embed.proj')."""
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    if (images.ndim != 4 or images.shape[1] % self.patch_size
+        or images.shape[2] % self.patch_size):
+      raise ValueError(f'{self.name}: images must be [B, H, W, C] with H and W divisible by '
+                       f'patch_size {self.patch_size}, got shape {images.shape}')
+    p = self.patch_size
+    # Flax's default (lecun-normal) conv init: unit-variance tokens for any channel count.
+    return nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding='VALID',
+                   dtype=self.dtype, param_dtype=jnp.float32, name='proj')(images)
+
+
+class QKVParams(nn.Module):
+  """The fused query/key/value projection's parameters (timm 'attn.qkv'): kernel [D, 3D]
+  (columns [Q | K | V]) and bias [3D]. Returned rather than applied, so the structured fusion
+  layer 0 can project only the K/V columns for tokens whose queries it does not need."""
+  width: int
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', dense_init, (self.width, 3 * self.width), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (3 * self.width,), jnp.float32)
+    return kernel, bias
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention: 'qkv' -> jax.nn.dot_product_attention -> 'proj'."""
+  width: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
+    self.qkv = QKVParams(self.width)
+    self.proj = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                         kernel_init=dense_init, bias_init=nn.initializers.zeros)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D]; mask bool [B or 1, H or 1, T, T] (True = may attend) -> [B, T, D]."""
+    batch, tokens, width = x.shape
+    kernel, bias = self.qkv()
+    qkv = dense(x, kernel, bias, self.dtype)
+    q, k, v = (a.reshape(batch, tokens, self.num_heads, width // self.num_heads)
+               for a in jnp.split(qkv, 3, axis=-1))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return self.proj(out.reshape(batch, tokens, width))
+
+  def fusion_layer0(self, x: jax.Array, n: int) -> jax.Array:
+    """Pruned-fusion layer 0 (routing.structured_layer0_attention): x [B, 1 + 3n, D] ->
+    outputs of the kept tokens [B, 1 + n, D]."""
+    kernel, bias = self.qkv()
+    out = routing.structured_layer0_attention(x, kernel, bias, n=n, num_heads=self.num_heads,
+                                              dtype=self.dtype)
+    return self.proj(out)
+
+
+class Mlp(nn.Module):
+  """'fc1' -> exact GELU (timm's nn.GELU) -> 'fc2'."""
+  width: int
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kwargs = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
+                  bias_init=nn.initializers.zeros)
+    x = nn.Dense(self.hidden_dim, name='fc1', **kwargs)(x)
+    x = jax.nn.gelu(x, approximate=False)
+    return nn.Dense(self.width, name='fc2', **kwargs)(x)
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.norm1 = layer_norm(self.dtype)
+    self.attn = Attention(self.width, self.num_heads, dtype=self.dtype)
+    self.norm2 = layer_norm(self.dtype)
+    self.mlp = Mlp(self.width, int(self.width * self.mlp_ratio), dtype=self.dtype)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D], mask as in Attention -> [B, T, D]."""
+    x = x + self.attn(self.norm1(x), mask)
+    return x + self.mlp(self.norm2(x))
+
+  def fusion_layer0(self, x: jax.Array, n: int) -> jax.Array:
+    """x [B, 1 + 3n, D] -> [B, 1 + n, D]: equals `self(x, layer0_mask)[:, :1 + n]`, but the
+    out-projection and MLP run only on the kept tokens."""
+    x_kept = x[:, :1 + n] + self.attn.fusion_layer0(self.norm1(x), n)
+    return x_kept + self.mlp(self.norm2(x_kept))
+
+
+class ViT(nn.Module):
+  """Single-modality ViT: images [B, H, W, C] -> (cls [B, D], patches [B, h, w, D]).
+
+  pos_embed [1, 1 + gh * gw, D] is learned at the base grid of `img_size` and bilinearly
+  resized to the input's grid (h, w) = (H / p, W / p), so one model takes global and local
+  crops. Outputs pass the final 'norm' and are float32.
+  """
+  img_size: int | Sequence[int]
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    grid = base_grid(self.img_size, self.patch_size)
+    self.patch_embed = PatchEmbed(self.patch_size, self.width, dtype=self.dtype)
+    self.cls_token = self.param('cls_token', token_init, (1, 1, self.width), jnp.float32)
+    self.pos_embed = self.param('pos_embed', token_init, (1, 1 + grid[0] * grid[1], self.width),
+                                jnp.float32)
+    self.blocks = [EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype)
+                   for _ in range(self.depth)]
+    # float32 so features leave the encoder in float32 whatever the compute dtype.
+    self.norm = layer_norm(jnp.float32)
+
+  def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    patches = self.patch_embed(images)
+    batch, h, w, width = patches.shape
+    pos = self.pos_embed
+    pos_patches = resize_grid_tokens(pos[:, 1:], base_grid(self.img_size, self.patch_size), (h, w))
+    cls = jnp.broadcast_to(self.cls_token + pos[:, :1], (batch, 1, width))
+    x = jnp.concatenate([cls, patches.reshape(batch, h * w, width) + pos_patches], axis=1)
+    x = x.astype(self.dtype)
+    for block in self.blocks:
+      x = block(x)
+    x = self.norm(x)
+    return x[:, 0], x[:, 1:].reshape(batch, h, w, width)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    del train  # no dropout / drop-path in the paper's recipe: train and eval are the same
+    return self.encode(images)

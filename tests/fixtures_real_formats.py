@@ -1,0 +1,541 @@
+"""Tiny datasets written in each source's REAL on-disk format, for the data_prep tests.
+
+  Waymo     TFRecord files of waymo.open_dataset.Frame protos (zlib-compressed MatrixFloat
+            range images, camera JPEGs, calibrations, laser labels, panoptic camera labels)
+  nuScenes  a v1.0-mini-style table set that nuscenes-devkit's NuScenes() loads, with
+            .pcd.bin LiDAR sweeps, camera JPEGs and lidarseg .bin labels
+  FLIR      the ADAS v2 folder layout: video_{rgb,thermal}_test/{data/, coco.json} and the
+            root rgb_to_thermal_vid_map.json
+
+Everything is generated from explicit parameters (the module constants below) so tests can
+compute the expected geometry independently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+
+import numpy as np
+from PIL import Image
+
+# ---------------------------------------------------------------------------------------------
+# Waymo
+
+
+def _rz(yaw: float) -> np.ndarray:
+  c, s = np.cos(yaw), np.sin(yaw)
+  return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], np.float64)
+
+
+def _rigid(rotation: np.ndarray, translation) -> np.ndarray:
+  out = np.eye(4)
+  out[:3, :3] = rotation
+  out[:3, 3] = translation
+  return out
+
+
+WAYMO_IMAGE_HW = (64, 96)
+WAYMO_INTRINSIC = [60.0, 58.0, 48.0, 30.0, 0.01, -0.002, 0.0, 0.0, 0.0]  # f_u f_v c_u c_v k...
+WAYMO_CAMERA_EXTRINSIC = _rigid(_rz(0.08), [1.5, 0.1, 2.0])  # camera -> vehicle
+WAYMO_TOP_EXTRINSIC = _rigid(_rz(0.3), [0.0, 0.0, 2.5])  # laser -> vehicle
+WAYMO_FRONT_EXTRINSIC = _rigid(_rz(-0.2), [4.0, 0.0, 0.8])
+WAYMO_TOP_SHAPE = (4, 360)
+WAYMO_TOP_INCLINATIONS = [-0.12, -0.05, -0.02, 0.03]  # bottom-up, like the real calibrations
+WAYMO_FRONT_SHAPE = (3, 90)
+WAYMO_FRONT_INCLINATION_RANGE = (-0.5, 0.2)
+WAYMO_FRAME_POSE_RPY_XYZ = (0.0, 0.0, 0.7, 100.0, 50.0, 3.0)
+# TOP returns (row, column, range m). Column 162 looks about 10 degrees left of the laser's
+# +x, i.e. near the vehicle's forward axis given the laser's 0.3 rad yaw.
+WAYMO_TOP_RETURNS = [(1, 162, 20.0), (2, 160, 12.0), (0, 165, 8.0), (3, 10, 30.0)]
+WAYMO_FRONT_RETURNS = [(0, 40, 6.0), (1, 50, 9.0), (2, 44, 7.5)]
+# (type, center xyz, length, width, height, heading) in the vehicle frame.
+WAYMO_LABELS = [
+    ('TYPE_VEHICLE', (18.0, 1.0, 1.0), 4.5, 1.9, 1.6, 0.3),
+    ('TYPE_PEDESTRIAN', (12.0, -1.5, 0.9), 0.8, 0.7, 1.8, -1.2),
+    ('TYPE_SIGN', (14.0, 3.0, 2.0), 0.1, 0.8, 0.8, 0.0),
+    ('TYPE_CYCLIST', (-15.0, 0.0, 0.9), 1.8, 0.6, 1.7, 3.0),  # behind the camera: dropped
+]
+WAYMO_SEG_DIVISOR = 1000
+
+
+def _waymo_pb2():
+  from waymo_open_dataset import dataset_pb2, label_pb2  # pylint: disable=g-import-not-at-top
+  return dataset_pb2, label_pb2
+
+
+def waymo_rotation_rpy(roll: float, pitch: float, yaw: float) -> np.ndarray:
+  """Rz(yaw) Ry(pitch) Rx(roll), written out independently of data_prep.waymo."""
+  rx = np.array([[1, 0, 0], [0, np.cos(roll), -np.sin(roll)], [0, np.sin(roll), np.cos(roll)]])
+  ry = np.array([[np.cos(pitch), 0, np.sin(pitch)], [0, 1, 0], [-np.sin(pitch), 0,
+                                                                 np.cos(pitch)]])
+  return _rz(yaw) @ ry @ rx
+
+
+def waymo_frame_pose() -> np.ndarray:
+  roll, pitch, yaw, *xyz = WAYMO_FRAME_POSE_RPY_XYZ
+  return _rigid(waymo_rotation_rpy(roll, pitch, yaw), xyz)
+
+
+def waymo_expected_point(row: int, column: int, range_m: float, extrinsic: np.ndarray,
+                         inclinations_bottom_up, width: int) -> np.ndarray:
+  """The vehicle-frame point of a range-image pixel per Waymo's documented convention:
+  column c looks along azimuth pi - (c + 0.5) 2 pi / W in the vehicle-aligned laser frame,
+  row 0 is the highest beam."""
+  inclination = list(inclinations_bottom_up)[::-1][row]
+  azimuth = np.pi - (column + 0.5) * 2 * np.pi / width - np.arctan2(extrinsic[1, 0],
+                                                                     extrinsic[0, 0])
+  local = range_m * np.array([np.cos(azimuth) * np.cos(inclination),
+                              np.sin(azimuth) * np.cos(inclination), np.sin(inclination)])
+  return extrinsic[:3, :3] @ local + extrinsic[:3, 3]
+
+
+def waymo_pixel(point_vehicle: np.ndarray) -> tuple[float, float, float]:
+  """(u, v, depth) of a vehicle-frame point in the FRONT camera, OpenCV pixel convention."""
+  x, y, z = np.linalg.inv(WAYMO_CAMERA_EXTRINSIC)[:3] @ np.append(point_vehicle, 1.0)
+  f_u, f_v, c_u, c_v = WAYMO_INTRINSIC[:4]
+  return f_u * (-y / x) + c_u, f_v * (-z / x) + c_v, x
+
+
+def _matrix(values: np.ndarray, int32: bool = False) -> bytes:
+  dataset_pb2, _ = _waymo_pb2()
+  message = dataset_pb2.MatrixInt32() if int32 else dataset_pb2.MatrixFloat()
+  message.shape.dims.extend(values.shape)
+  message.data.extend(values.reshape(-1).tolist())
+  return zlib.compress(message.SerializeToString())
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def waymo_camera_image() -> np.ndarray:
+  h, w = WAYMO_IMAGE_HW
+  yy, xx = np.mgrid[0:h, 0:w]
+  return np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.uint8)
+
+
+def waymo_panoptic_semantic() -> np.ndarray:
+  """[H, W] semantic Waymo types: sky on top, road below, an undefined block, a car."""
+  h, w = WAYMO_IMAGE_HW
+  semantic = np.full((h, w), 20, np.int64)  # TYPE_ROAD
+  semantic[:h // 2] = 25  # TYPE_SKY
+  semantic[:8, :8] = 0  # TYPE_UNDEFINED
+  semantic[40:56, 30:60] = 2  # TYPE_CAR
+  return semantic
+
+
+def _panoptic_png() -> bytes:
+  semantic = waymo_panoptic_semantic()
+  instance = np.where(semantic == 2, 7, 0)
+  panoptic = (semantic * WAYMO_SEG_DIVISOR + instance).astype(np.uint16)
+  buffer = io.BytesIO()
+  Image.fromarray(panoptic).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _range_image(shape, returns) -> np.ndarray:
+  image = np.zeros((*shape, 4), np.float32)
+  image[..., 3] = -1.0  # is_in_nlz: -1 = no
+  for row, col, range_m in returns:
+    image[row, col, 0] = range_m
+    image[row, col, 1] = 0.5  # intensity
+  return image
+
+
+def _camera_projections(shape, returns, extrinsic, inclinations, camera_id: int,
+                        use_second_slot: bool) -> np.ndarray:
+  """Waymo-style [H, W, 6] projections, computed here with the distortion-free pinhole."""
+  cp = np.zeros((*shape, 6), np.int32)
+  h, w = WAYMO_IMAGE_HW
+  for i, (row, col, range_m) in enumerate(returns):
+    point = waymo_expected_point(row, col, range_m, extrinsic, inclinations, shape[1])
+    u, v, depth = waymo_pixel(point)
+    if depth <= 0 or not (0 <= u < w - 0.5 and 0 <= v < h - 0.5):
+      continue
+    pixel = (camera_id, int(round(u)), int(round(v)))
+    if use_second_slot and i == 0:
+      cp[row, col] = (4, 3, 3, *pixel)  # also seen by SIDE_LEFT (first slot)
+    else:
+      cp[row, col, :3] = pixel
+  return cp
+
+
+def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_projections=True,
+                pixel_pose_jitter: float = 0.0, with_segmentation: bool = True):
+  """One Frame proto of the fixture scene (identical geometry in every frame)."""
+  dataset_pb2, label_pb2 = _waymo_pb2()
+  frame = dataset_pb2.Frame()
+  frame.context.name = context_name
+  frame.timestamp_micros = 1_550_000_000_000_000 + 100_000 * index
+  frame.pose.transform.extend(waymo_frame_pose().reshape(-1).tolist())
+
+  camera = frame.context.camera_calibrations.add()
+  camera.name = dataset_pb2.CameraName.FRONT
+  camera.intrinsic.extend(WAYMO_INTRINSIC)
+  camera.extrinsic.transform.extend(WAYMO_CAMERA_EXTRINSIC.reshape(-1).tolist())
+  camera.height, camera.width = WAYMO_IMAGE_HW
+  camera.rolling_shutter_direction = dataset_pb2.CameraCalibration.LEFT_TO_RIGHT
+
+  top = frame.context.laser_calibrations.add()
+  top.name = dataset_pb2.LaserName.TOP
+  top.beam_inclinations.extend(WAYMO_TOP_INCLINATIONS)
+  top.beam_inclination_min, top.beam_inclination_max = WAYMO_TOP_INCLINATIONS[0], 0.04
+  top.extrinsic.transform.extend(WAYMO_TOP_EXTRINSIC.reshape(-1).tolist())
+  front = frame.context.laser_calibrations.add()
+  front.name = dataset_pb2.LaserName.FRONT
+  front.beam_inclination_min, front.beam_inclination_max = WAYMO_FRONT_INCLINATION_RANGE
+  front.extrinsic.transform.extend(WAYMO_FRONT_EXTRINSIC.reshape(-1).tolist())
+
+  image = frame.images.add()
+  image.name = dataset_pb2.CameraName.FRONT
+  image.image = _jpeg(waymo_camera_image())
+  image.pose.transform.extend(waymo_frame_pose().reshape(-1).tolist())
+  if with_segmentation:
+    image.camera_segmentation_label.panoptic_label_divisor = WAYMO_SEG_DIVISOR
+    image.camera_segmentation_label.panoptic_label = _panoptic_png()
+
+  rng = np.random.default_rng(index)
+  for name, shape, returns, extrinsic in [
+      ('TOP', WAYMO_TOP_SHAPE, WAYMO_TOP_RETURNS, WAYMO_TOP_EXTRINSIC),
+      ('FRONT', WAYMO_FRONT_SHAPE, WAYMO_FRONT_RETURNS, WAYMO_FRONT_EXTRINSIC)]:
+    laser = frame.lasers.add()
+    laser.name = dataset_pb2.LaserName.Name.Value(name)
+    laser.ri_return1.range_image_compressed = _matrix(_range_image(shape, returns))
+    if name == 'TOP':
+      roll, pitch, yaw, *xyz = WAYMO_FRAME_POSE_RPY_XYZ
+      pose = np.tile(np.array([roll, pitch, yaw, *xyz], np.float32), (*shape, 1))
+      pose += rng.normal(scale=pixel_pose_jitter, size=pose.shape).astype(np.float32)
+      laser.ri_return1.range_image_pose_compressed = _matrix(pose)
+      if camera_projections:
+        laser.ri_return1.camera_projection_compressed = _matrix(
+            _camera_projections(shape, returns, extrinsic, WAYMO_TOP_INCLINATIONS,
+                                dataset_pb2.CameraName.FRONT, use_second_slot=True), int32=True)
+    elif camera_projections:
+      cp = np.zeros((*shape, 6), np.int32)
+      laser.ri_return1.camera_projection_compressed = _matrix(cp, int32=True)
+    # A second return the converter ignores (first returns only).
+    laser.ri_return2.range_image_compressed = _matrix(_range_image(shape, returns[:1]))
+
+  for type_name, center, length, width, height, heading in WAYMO_LABELS:
+    label = frame.laser_labels.add()
+    label.type = label_pb2.Label.Type.Value(type_name)
+    label.id = f'{type_name}-{index}'
+    box = label.box
+    box.center_x, box.center_y, box.center_z = center
+    box.length, box.width, box.height, box.heading = length, width, height, heading
+  return frame
+
+
+def write_waymo_segment(path: str, num_frames: int, **frame_kwargs) -> str:
+  """A real TFRecord file of `num_frames` serialized Frames (written with TensorFlow)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tf.io.TFRecordWriter(path) as writer:
+    for index in range(num_frames):
+      writer.write(waymo_frame(index, **frame_kwargs).SerializeToString())
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the converters' output back
+
+
+def read_split(output_dir: str, split: str) -> list[dict]:
+  """Every record of a finished split, decoded and validated by schema.decode, shard order."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from lemumo_jax.data import schema  # pylint: disable=g-import-not-at-top
+  metadata = schema.read_metadata(output_dir)
+  records = []
+  for name in metadata['shard_files'][split]:
+    reader = array_record_module.ArrayRecordReader(os.path.join(output_dir, name))
+    records += [schema.decode(blob, f'{name}[{i}]') for i, blob in enumerate(reader.read_all())]
+    reader.close()
+  assert len(records) == metadata['splits'][split], (len(records), metadata['splits'])
+  return records
+
+
+# ---------------------------------------------------------------------------------------------
+# nuScenes
+
+
+def _quaternion_wxyz(rotation: np.ndarray) -> list[float]:
+  from scipy.spatial.transform import Rotation  # pylint: disable=g-import-not-at-top
+  x, y, z, w = Rotation.from_matrix(rotation).as_quat()
+  return [float(w), float(x), float(y), float(z)]
+
+
+def _rx(angle: float) -> np.ndarray:
+  c, s = np.cos(angle), np.sin(angle)
+  return np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float64)
+
+
+NUSC_VERSION = 'v1.0-mini'
+NUSC_IMAGE_HW = (90, 160)
+NUSC_INTRINSIC = [[100.0, 0.0, 80.0], [0.0, 100.0, 45.0], [0.0, 0.0, 1.0]]
+# camera (x right, y down, z forward) -> ego (x forward, y left, z up), pitched 2 degrees down.
+NUSC_EGO_FROM_CAMERA = _rigid(
+    np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], np.float64) @ _rx(-0.035), [1.7, 0.05, 1.5])
+NUSC_EGO_FROM_LIDAR = _rigid(_rz(-np.pi / 2), [0.9, 0.0, 1.8])
+NUSC_GLOBAL_FROM_EGO_AT_LIDAR = _rigid(_rz(0.4), [600.0, 1200.0, 0.0])
+# The camera fires 10 ms later: the car has moved 0.3 m and turned a little.
+NUSC_GLOBAL_FROM_EGO_AT_CAMERA = _rigid(_rz(0.41), [600.0 + 0.3 * np.cos(0.4),
+                                                    1200.0 + 0.3 * np.sin(0.4), 0.0])
+# Lidarseg fine classes in index order, as in nuScenes-lidarseg's category.json.
+NUSC_LIDARSEG_CATEGORIES = (
+    'noise', 'animal', 'human.pedestrian.adult', 'human.pedestrian.child',
+    'human.pedestrian.construction_worker', 'human.pedestrian.personal_mobility',
+    'human.pedestrian.police_officer', 'human.pedestrian.stroller',
+    'human.pedestrian.wheelchair', 'movable_object.barrier', 'movable_object.debris',
+    'movable_object.pushable_pullable', 'movable_object.trafficcone',
+    'static_object.bicycle_rack', 'vehicle.bicycle', 'vehicle.bus.bendy', 'vehicle.bus.rigid',
+    'vehicle.car', 'vehicle.construction', 'vehicle.emergency.ambulance',
+    'vehicle.emergency.police', 'vehicle.motorcycle', 'vehicle.trailer', 'vehicle.truck',
+    'flat.driveable_surface', 'flat.other', 'flat.sidewalk', 'flat.terrain', 'static.manmade',
+    'static.other', 'static.vegetation', 'vehicle.ego')
+NUSC_ATTRIBUTES = ('cycle.with_rider', 'cycle.without_rider', 'vehicle.parked',
+                   'pedestrian.moving')
+# LiDAR points given in the CAMERA frame by OpenCV pixel (u, v) and depth, with a fine label.
+NUSC_POINTS = [
+    (100, 50, 20.0, 'vehicle.car'),
+    (100, 50, 35.0, 'static.vegetation'),  # same ray, farther: loses the pixel
+    (31, 71, 8.0, 'flat.driveable_surface'),
+    (141, 21, 50.0, 'noise'),  # a depth return with an ignore label
+    (61, 41, 0.6, 'vehicle.ego'),  # nearer than --min_depth: dropped
+    (20, 20, -6.0, 'static.manmade'),  # behind the camera
+]
+# Boxes in the CAMERA frame, schema convention: category, attributes, (x, y, z), l, w, h, yaw.
+NUSC_BOXES = [
+    ('vehicle.car', ['vehicle.parked'], (2.0, 0.8, 15.0), 4.2, 1.8, 1.5, 0.3),
+    ('human.pedestrian.adult', ['pedestrian.moving'], (-3.0, 0.9, 10.0), 0.7, 0.6, 1.75, -1.0),
+    ('vehicle.bicycle', ['cycle.with_rider'], (4.0, 1.0, 12.0), 1.7, 0.6, 1.6, 1.2),
+    ('vehicle.bicycle', ['cycle.without_rider'], (-4.0, 1.0, 12.0), 1.7, 0.6, 1.1, 0.0),
+    ('movable_object.barrier', [], (0.5, 1.2, 9.0), 2.0, 0.4, 1.0, 0.0),
+    ('vehicle.car', [], (0.0, 0.5, -10.0), 4.2, 1.8, 1.5, 0.0),  # behind the camera
+]
+# (scene name, log) in the devkit's official v1.0-mini split lists.
+NUSC_SCENES = (('scene-0061', 'mini_train'), ('scene-0553', 'mini_train'),
+               ('scene-0103', 'mini_val'))
+NUSC_SAMPLES_PER_SCENE = 2
+
+
+def nusc_camera_point(u: float, v: float, depth: float) -> np.ndarray:
+  k = np.asarray(NUSC_INTRINSIC)
+  return depth * np.array([(u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1], 1.0])
+
+
+def _token(*parts) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.md5('/'.join(map(str, parts)).encode()).hexdigest()
+
+
+def _box_rotation_in_camera(yaw: float) -> np.ndarray:
+  """nuScenes box axes (x length, y width/left, z up) expressed in our camera frame."""
+  c, s = np.cos(yaw), np.sin(yaw)
+  length, up = np.array([c, 0, -s]), np.array([0, -1.0, 0])
+  return np.stack([length, np.cross(up, length), up], -1)
+
+
+def _write_json(path: str, payload) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(payload, f)
+
+
+def write_nuscenes(root: str, with_lidarseg: bool = True) -> str:
+  """A v1.0-mini-style dataroot that nuscenes.nuscenes.NuScenes(version, root) loads."""
+  tables = {name: [] for name in ('category', 'attribute', 'visibility', 'instance', 'sensor',
+                                  'calibrated_sensor', 'ego_pose', 'log', 'scene', 'sample',
+                                  'sample_data', 'sample_annotation', 'map', 'lidarseg')}
+  for index, name in enumerate(NUSC_LIDARSEG_CATEGORIES):
+    tables['category'].append({'token': _token('category', name), 'name': name,
+                               'description': name, 'index': index})
+  for name in NUSC_ATTRIBUTES:
+    tables['attribute'].append({'token': _token('attribute', name), 'name': name,
+                                'description': name})
+  for level in ('1', '2', '3', '4'):
+    tables['visibility'].append({'token': level, 'level': f'v{level}', 'description': level})
+  sensors = {'LIDAR_TOP': ('lidar', NUSC_EGO_FROM_LIDAR, []),
+             'CAM_FRONT': ('camera', NUSC_EGO_FROM_CAMERA, NUSC_INTRINSIC)}
+  for channel, (modality, pose, intrinsic) in sensors.items():
+    tables['sensor'].append({'token': _token('sensor', channel), 'channel': channel,
+                             'modality': modality})
+    tables['calibrated_sensor'].append({
+        'token': _token('calibrated', channel), 'sensor_token': _token('sensor', channel),
+        'translation': pose[:3, 3].tolist(), 'rotation': _quaternion_wxyz(pose[:3, :3]),
+        'camera_intrinsic': intrinsic})
+  log_token = _token('log')
+  tables['log'].append({'token': log_token, 'logfile': 'n008-fixture', 'vehicle': 'n008',
+                        'date_captured': '2018-08-01', 'location': 'singapore-onenorth'})
+  tables['map'].append({'token': _token('map'), 'log_tokens': [log_token],
+                        'category': 'semantic_prior', 'filename': 'maps/fixture.png'})
+  os.makedirs(os.path.join(root, 'maps'), exist_ok=True)
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(os.path.join(root, 'maps', 'fixture.png'))
+
+  global_from_camera = NUSC_GLOBAL_FROM_EGO_AT_CAMERA @ NUSC_EGO_FROM_CAMERA
+  lidar_from_camera = np.linalg.inv(NUSC_GLOBAL_FROM_EGO_AT_LIDAR @ NUSC_EGO_FROM_LIDAR) @ (
+      global_from_camera)
+  camera_points = np.stack([nusc_camera_point(u, v, d) for u, v, d, _ in NUSC_POINTS])
+  lidar_points = camera_points @ lidar_from_camera[:3, :3].T + lidar_from_camera[:3, 3]
+  cloud = np.zeros((len(lidar_points), 5), np.float32)
+  cloud[:, :3] = lidar_points
+  cloud[:, 4] = np.arange(len(lidar_points))  # ring index
+  fine_labels = np.array([NUSC_LIDARSEG_CATEGORIES.index(p[3]) for p in NUSC_POINTS], np.uint8)
+  h, w = NUSC_IMAGE_HW
+  yy, xx = np.mgrid[0:h, 0:w]
+  image = np.stack([xx * 255 // w, yy * 255 // h, np.full_like(xx, 90)], -1).astype(np.uint8)
+
+  for box_index, box in enumerate(NUSC_BOXES):
+    tables['instance'].append({'token': _token('instance', box_index),
+                               'category_token': _token('category', box[0]),
+                               'nbr_annotations': 0, 'first_annotation_token': '',
+                               'last_annotation_token': ''})
+  timestamp = 1_533_000_000_000_000
+  for scene_name, _ in NUSC_SCENES:
+    scene_token = _token('scene', scene_name)
+    samples = [_token('sample', scene_name, i) for i in range(NUSC_SAMPLES_PER_SCENE)]
+    tables['scene'].append({'token': scene_token, 'log_token': log_token, 'name': scene_name,
+                            'description': 'fixture', 'nbr_samples': len(samples),
+                            'first_sample_token': samples[0], 'last_sample_token': samples[-1]})
+    for i, sample_token in enumerate(samples):
+      timestamp += 500_000
+      tables['sample'].append({
+          'token': sample_token, 'timestamp': timestamp, 'scene_token': scene_token,
+          'prev': samples[i - 1] if i else '',
+          'next': samples[i + 1] if i + 1 < len(samples) else ''})
+      for channel, offset, pose in (('LIDAR_TOP', 0, NUSC_GLOBAL_FROM_EGO_AT_LIDAR),
+                                    ('CAM_FRONT', 10_000, NUSC_GLOBAL_FROM_EGO_AT_CAMERA)):
+        sd_token = _token('sample_data', scene_name, i, channel)
+        ext = 'pcd.bin' if channel == 'LIDAR_TOP' else 'jpg'
+        filename = f'samples/{channel}/n008-fixture__{channel}__{timestamp + offset}.{ext}'
+        os.makedirs(os.path.join(root, 'samples', channel), exist_ok=True)
+        if channel == 'LIDAR_TOP':
+          cloud.tofile(os.path.join(root, filename))
+          if with_lidarseg:
+            label_token = _token('lidarseg', sd_token)
+            label_file = f'lidarseg/{NUSC_VERSION}/{label_token}_lidarseg.bin'
+            os.makedirs(os.path.join(root, 'lidarseg', NUSC_VERSION), exist_ok=True)
+            fine_labels.tofile(os.path.join(root, label_file))
+            tables['lidarseg'].append({'token': label_token, 'sample_data_token': sd_token,
+                                       'filename': label_file})
+        else:
+          Image.fromarray(image).save(os.path.join(root, filename), quality=95)
+        tables['ego_pose'].append({'token': _token('ego', sd_token),
+                                   'timestamp': timestamp + offset,
+                                   'rotation': _quaternion_wxyz(pose[:3, :3]),
+                                   'translation': pose[:3, 3].tolist()})
+        is_camera = channel == 'CAM_FRONT'
+        tables['sample_data'].append({
+            'token': sd_token, 'sample_token': sample_token,
+            'ego_pose_token': _token('ego', sd_token),
+            'calibrated_sensor_token': _token('calibrated', channel),
+            'timestamp': timestamp + offset, 'fileformat': ext.split('.')[0],
+            'is_key_frame': True, 'height': h if is_camera else 0,
+            'width': w if is_camera else 0, 'filename': filename,
+            'prev': _token('sample_data', scene_name, i - 1, channel) if i else '',
+            'next': (_token('sample_data', scene_name, i + 1, channel)
+                     if i + 1 < len(samples) else '')})
+      for box_index, (category, attributes, center, length, width, height,
+                      yaw) in enumerate(NUSC_BOXES):
+        rotation = global_from_camera[:3, :3] @ _box_rotation_in_camera(yaw)
+        translation = global_from_camera[:3, :3] @ np.asarray(center) + global_from_camera[:3, 3]
+        tables['sample_annotation'].append({
+            'token': _token('annotation', sample_token, box_index),
+            'sample_token': sample_token, 'instance_token': _token('instance', box_index),
+            'visibility_token': '4',
+            'attribute_tokens': [_token('attribute', a) for a in attributes],
+            'translation': translation.tolist(), 'size': [width, length, height],
+            'rotation': _quaternion_wxyz(rotation), 'prev': '', 'next': '',
+            'num_lidar_pts': 3, 'num_radar_pts': 0})
+  if not with_lidarseg:
+    del tables['lidarseg']
+  for name, rows in tables.items():
+    _write_json(os.path.join(root, NUSC_VERSION, f'{name}.json'), rows)
+  return root
+
+
+# ---------------------------------------------------------------------------------------------
+# FLIR ADAS v2
+
+FLIR_RGB_HW = (72, 128)  # 16:9 like the BlackFly frames
+FLIR_THERMAL_HW = (64, 80)  # 5:4 like the Tau 2's 512 x 640
+FLIR_RGB_HFOV_DEG, FLIR_THERMAL_HFOV_DEG, FLIR_THERMAL_VFOV_DEG = 52.8, 45.0, 37.0
+# (thermal video id, RGB video id): FLIR names each spectrum's videos independently.
+FLIR_VIDEOS = (('4FRnNpmSmwktFJKjg', 'BzZspxAweF8AnKhWK'), ('6tLtjdkv5K5BuhB37',
+                                                        'FkqCGijjAKpABetZZ'),
+               ('vbrSzr4vFTm5QwuGH', 'PGdt7pJChnKoJDt35'))
+FLIR_FRAMES = (0, 3)
+# A warm object seen by both cameras, as the tangents (X / Z, Y / Z) of its direction.
+FLIR_MARKER_DIRECTION = (0.1, -0.05)
+FLIR_COCO_CATEGORIES = ((1, 'person'), (2, 'bike'), (3, 'car'), (17, 'dog'), (79, 'other vehicle'),
+                        (90, 'face'))
+
+
+def flir_pixel(direction, hw, hfov_deg, vfov_deg=None) -> tuple[float, float]:
+  """Continuous pixel (u, v) (pixel centres at +0.5) of a direction in a centred camera."""
+  h, w = hw
+  fx = (w / 2) / np.tan(np.radians(hfov_deg) / 2)
+  fy = fx if vfov_deg is None else (h / 2) / np.tan(np.radians(vfov_deg) / 2)
+  return w / 2 + direction[0] * fx, h / 2 + direction[1] * fy
+
+
+def _blob(hw, center, sigma, background, peak) -> np.ndarray:
+  yy, xx = np.mgrid[0:hw[0], 0:hw[1]] + 0.5
+  gauss = np.exp(-((xx - center[0])**2 + (yy - center[1])**2) / (2 * sigma**2))
+  return background + (peak - background) * gauss
+
+
+def flir_marker_boxes() -> list[tuple[str, list[float]]]:
+  """COCO (category, [x, y, w, h]) annotations in thermal pixels of every fixture frame."""
+  u, v = flir_pixel(FLIR_MARKER_DIRECTION, FLIR_THERMAL_HW, FLIR_THERMAL_HFOV_DEG,
+                    FLIR_THERMAL_VFOV_DEG)
+  return [('car', [u - 4, v - 3, 8, 6]),  # around the marker
+          ('person', [0.5, 20, 10, 20]),  # straddles the left edge of the shared view: clipped
+          ('dog', [75, 2, 4, 4]),  # outside the shared view: dropped
+          ('face', [40, 40, 5, 5])]  # a category not kept
+
+
+def write_flir(root: str, thermal_16bit: bool = False) -> str:
+  """A FLIR_ADAS_v2-style root with paired video frames, coco.json and the pair map."""
+  rgb_u, rgb_v = flir_pixel(FLIR_MARKER_DIRECTION, FLIR_RGB_HW, FLIR_RGB_HFOV_DEG)
+  th_u, th_v = flir_pixel(FLIR_MARKER_DIRECTION, FLIR_THERMAL_HW, FLIR_THERMAL_HFOV_DEG,
+                          FLIR_THERMAL_VFOV_DEG)
+  rgb = np.clip(_blob(FLIR_RGB_HW, (rgb_u, rgb_v), 2.5, 40, 250), 0, 255).astype(np.uint8)
+  rgb = np.repeat(rgb[..., None], 3, -1)
+  if thermal_16bit:
+    thermal = _blob(FLIR_THERMAL_HW, (th_u, th_v), 2.0, 29000, 31000).astype(np.uint16)
+  else:
+    thermal = np.clip(_blob(FLIR_THERMAL_HW, (th_u, th_v), 2.0, 30, 240), 0, 255).astype(np.uint8)
+  ext = 'png' if thermal_16bit else 'jpg'
+  categories = [{'id': i, 'name': n, 'supercategory': 'unknown'} for i, n in FLIR_COCO_CATEGORIES]
+  cat_ids = {n: i for i, n in FLIR_COCO_CATEGORIES}
+  pair_map, images, annotations = {}, [], []
+  for thermal_video, rgb_video in FLIR_VIDEOS:
+    for frame in FLIR_FRAMES:
+      rgb_name = f'video-{rgb_video}-frame-{frame:06d}-{_token(rgb_video, frame)[:17]}.jpg'
+      thermal_name = (f'video-{thermal_video}-frame-{frame:06d}-'
+                      f'{_token(thermal_video, frame)[:17]}.{ext}')
+      pair_map[rgb_name] = thermal_name
+      for folder, name, array in (('video_rgb_test', rgb_name, rgb),
+                                  ('video_thermal_test', thermal_name, thermal)):
+        os.makedirs(os.path.join(root, folder, 'data'), exist_ok=True)
+        Image.fromarray(array).save(os.path.join(root, folder, 'data', name))
+      image_id = len(images)
+      images.append({'id': image_id, 'file_name': f'data/{thermal_name}',
+                     'height': FLIR_THERMAL_HW[0], 'width': FLIR_THERMAL_HW[1],
+                     'extra_info': {'video_id': thermal_video}})
+      for category, bbox in flir_marker_boxes():
+        annotations.append({'id': len(annotations), 'image_id': image_id,
+                            'category_id': cat_ids[category], 'bbox': bbox,
+                            'area': bbox[2] * bbox[3], 'iscrowd': 0})
+  _write_json(os.path.join(root, 'video_thermal_test', 'coco.json'),
+              {'images': images, 'annotations': annotations, 'categories': categories,
+               'info': {'description': 'fixture'}, 'licenses': []})
+  _write_json(os.path.join(root, 'video_rgb_test', 'coco.json'),
+              {'images': [], 'annotations': [], 'categories': categories})
+  _write_json(os.path.join(root, 'rgb_to_thermal_vid_map.json'), pair_map)
+  return root
