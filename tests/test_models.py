@@ -296,8 +296,9 @@ def test_projector_batchnorm_train_and_eval():
     h = np.asarray(x, np.float64)
     used = []
     for i in range(2):
-      h = h @ np.asarray(p[f'dense_{i}']['kernel'], np.float64) + np.asarray(p[f'dense_{i}'][
-          'bias'])
+      # Pre-BN layers carry no bias (BN's shift replaces it).
+      assert 'bias' not in p[f'dense_{i}']
+      h = h @ np.asarray(p[f'dense_{i}']['kernel'], np.float64)
       mean, var = (h.mean(0), h.var(0)) if stats is None else stats[i]
       used.append((mean, var))
       h = (h - mean) / np.sqrt(var + 1e-5) * np.asarray(p[f'bn_{i}']['scale']) + np.asarray(
