@@ -145,7 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
       'weight_decay': 1e-4,
       'warmup_fraction': 0.05,
       'val_every': 100,            # validate every N steps; the best by val loss is kept
-      'max_objects': 64,
+      'log_every': 50,
+      'checkpoint_every': 500,
+      'max_objects': 128,          # CenterNet regression slots per frame
+      'max_gt_boxes': 256,         # evaluation boxes per frame (more is an error)
       'score_threshold': 0.05,     # detections below are dropped before AP
       'max_detections': 100,
       'centernet_hidden': 256,

@@ -4,7 +4,8 @@
   python -m lemumo_jax.main --config=configs/synthetic.py:lejepa_rgb # another paper row
 
 Same code path as the paper config (configs/waymo.py); only sizes shrink: 64 px global and
-32 px local crops of 96 x 128 frames, patch 8 (8 x 8 fusion grid), width 96, depth 4.
+32 px local crops of 96 x 128 frames, patch 8 (8 x 8 fusion grid), width 96, depth 4; then
+the frozen probes on 96 x 128 clean views (12 x 16 patches).
 """
 
 from configs import common
@@ -20,4 +21,10 @@ def get_config(arg=None):
   config.projector.update(hidden_dim=256)
   config.optim.update(lr=5e-4, warmup_fraction=0.1)
   config.train.update(batch_size=32, num_epochs=4, log_every=10, checkpoint_every=50)
+  # Pretraining, then the frozen probes on clean full frames, so the default run ends with the
+  # results table. The paper's 640 x 640 probe view becomes the native 96 x 128 frame here.
+  config.mode = 'pretrain_probe'
+  config.probe.update(image_size=(96, 128), seg_size=(48, 64), batch_size=32, num_epochs=3,
+                      val_every=64, log_every=16, checkpoint_every=64, centernet_hidden=128,
+                      max_objects=32, max_gt_boxes=64)
   return common.apply_method(config, common.parse_arg(arg))

@@ -1,7 +1,11 @@
 """Entry point: `python -m lemumo_jax.main --config=configs/synthetic.py[:row] --workdir=DIR`.
 
 Config values are overridden on the command line (`--config.train.batch_size=8`); an unknown
-key is an error. `config.mode` selects what runs.
+key is an error. `config.mode` selects what runs:
+  pretrain         self-supervised pretraining; exports <workdir>/encoder
+  probe            frozen patch probes on <workdir>/encoder (or config.probe.encoder_dir; or a
+                   frozen random encoder with config.probe.encoder=random) -> report.md
+  pretrain_probe   both, in order (the synthetic default)
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import os
 
 # TensorFlow is imported only for clu's TensorBoard writer; keep its C++ start-up lines out.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
@@ -24,7 +29,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host runs; the '
     'launch/ scripts set this).')
 
-MODES = ('pretrain',)
+MODES = ('pretrain', 'probe', 'pretrain_probe')
 
 
 def default_workdir(config_path: str, method: str) -> str:
@@ -46,9 +51,12 @@ def main(argv):
                                               config.method)
   if config.mode not in MODES:
     raise app.UsageError(f'config.mode must be one of {MODES}, got {config.mode!r}')
-  from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
-  if config.mode == 'pretrain':
+  if config.mode in ('pretrain', 'pretrain_probe'):
+    from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
     pretrain.train(config, workdir)
+  if config.mode in ('probe', 'pretrain_probe'):
+    from lemumo_jax.training import probe  # pylint: disable=g-import-not-at-top
+    probe.run(config, workdir)
 
 
 if __name__ == '__main__':

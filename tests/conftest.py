@@ -21,6 +21,10 @@ def tiny_config(method: str = 'lemumo', **train):
   config.objective.update(num_slices=16)
   config.train.update(batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
   config.train.update(**train)
+  config.mode = 'pretrain'
+  config.probe.update(image_size=(48, 64), seg_size=(24, 32), batch_size=8, num_steps=4,
+                      val_every=2, log_every=1, checkpoint_every=2, centernet_hidden=16,
+                      occupancy_hidden=8, max_objects=16, num_figure_frames=2)
   return config
 
 
@@ -32,7 +36,15 @@ TINY_FLAGS = [
     '--config.model.img_size=32', '--config.model.patch_size=8', '--config.model.width=32',
     '--config.model.depth=2', '--config.model.num_heads=2', '--config.projector.hidden_dim=32',
     '--config.projector.out_dim=8', '--config.objective.num_slices=16',
-    '--config.train.batch_size=8', '--config.train.log_every=1',
+    '--config.train.batch_size=8', '--config.train.log_every=1', '--config.mode=pretrain',
+]
+# ... and the tiny probe stage (add '--config.mode=probe' or 'pretrain_probe').
+TINY_PROBE_FLAGS = [
+    '--config.probe.image_size=(48, 64)', '--config.probe.seg_size=(24, 32)',
+    '--config.probe.batch_size=8', '--config.probe.num_steps=4', '--config.probe.val_every=2',
+    '--config.probe.log_every=1', '--config.probe.checkpoint_every=2',
+    '--config.probe.centernet_hidden=16', '--config.probe.occupancy_hidden=8',
+    '--config.probe.max_objects=16', '--config.probe.num_figure_frames=2',
 ]
 
 

@@ -9,6 +9,7 @@ slice of the records (multi-host runs).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from lemumo_jax.data import geometry as geometry_lib
 from lemumo_jax.data import sources
 
 
@@ -51,6 +53,41 @@ def steps_per_epoch(num_records: int, global_batch_size: int) -> int:
   return max(1, num_records // global_batch_size)
 
 
+def _host_batch(global_batch_size: int) -> int:
+  num_hosts = jax.process_count()
+  if global_batch_size % num_hosts:
+    raise ValueError(f'batch_size {global_batch_size} is not divisible by the '
+                     f'{num_hosts} hosts')
+  return global_batch_size // num_hosts
+
+
+def _host_records(data_cfg, split: str):
+  source = sources.build_source(data_cfg, split)
+  return source, grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+
+
+def _iterate(dataset, data_cfg):
+  iterator = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
+  if data_cfg.num_workers > 0:
+    iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+  return iter(iterator)
+
+
+def _training_batches(data_cfg, split: str, frame: grain.transforms.Map, global_batch_size: int,
+                      seed: int, start_step: int, num_steps: int):
+  """Shuffled, repeated, batched; batch i is a pure function of (seed, i)."""
+  host_batch = _host_batch(global_batch_size)
+  source, records = _host_records(data_cfg, split)
+  if len(records) < host_batch:
+    raise ValueError(f'{source!r} has {len(records)} records per host, fewer than one '
+                     f'batch of {host_batch}')
+  epochs = math.ceil(num_steps * host_batch / len(records)) + 1
+  dataset = (records.shuffle(seed=seed).repeat(epochs).map(frame)
+             .batch(host_batch, drop_remainder=True))
+  return _iterate(dataset[start_step:num_steps], data_cfg)
+
+
 def pretrain_loader(data_cfg, global_batch_size: int, *, seed: int, start_step: int,
                     num_steps: int, split: str = 'train') -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's part of batches start_step .. num_steps - 1.
@@ -58,24 +95,217 @@ def pretrain_loader(data_cfg, global_batch_size: int, *, seed: int, start_step: 
   Each element: {'rgb': [b, H, W, 3] uint8, 'companion': [b, H, W] float32} with
   b = global_batch_size / process_count.
   """
-  num_hosts = jax.process_count()
-  if global_batch_size % num_hosts:
-    raise ValueError(f'batch_size {global_batch_size} is not divisible by the '
-                     f'{num_hosts} hosts')
-  host_batch = global_batch_size // num_hosts
-  source = sources.build_source(data_cfg, split)
-  records = grain.MapDataset.source(source)[jax.process_index()::num_hosts]
-  if len(records) < host_batch:
-    raise ValueError(f'{source!r} has {len(records)} records per host, fewer than one '
-                     f'batch of {host_batch}')
-  epochs = math.ceil(num_steps * host_batch / len(records)) + 1
   height, width = data_cfg.image_size
-  dataset = (records.shuffle(seed=seed).repeat(epochs)
-             .map(_PretrainFrame(height, width))
-             .batch(host_batch, drop_remainder=True))
-  dataset = dataset[start_step:num_steps]
-  iterator = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
-  if data_cfg.num_workers > 0:
-    iterator = iterator.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
-  return iter(iterator)
+  return _training_batches(data_cfg, split, _PretrainFrame(height, width), global_batch_size,
+                           seed, start_step, num_steps)
+
+
+# ----------------------------------------------------------------------------- probe views
+
+
+def cell_mean(values: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """Sparse-aware downsample: [H, W] (0 = no label) -> [h, w], each cell the mean of the valid
+  (> 0, finite) source pixels whose index maps into it (row r -> floor(r h / H)), 0 if none.
+  Nearest or bilinear resizing would drop or smear sparse LiDAR returns. Where the output is
+  finer than the input, the input is first repeated by an integer factor (nearest upsampling)
+  so that every cell has source pixels."""
+  out_h, out_w = out_hw
+  values = np.repeat(np.repeat(values, -(-out_h // values.shape[0]), axis=0),
+                     -(-out_w // values.shape[1]), axis=1)
+  height, width = values.shape
+  rows = (np.arange(height) * out_h) // height
+  cols = (np.arange(width) * out_w) // width
+  cell = (rows[:, None] * out_w + cols[None, :]).reshape(-1)
+  flat = values.reshape(-1).astype(np.float64)
+  valid = np.isfinite(flat) & (flat > 0)
+  total = np.bincount(cell[valid], flat[valid], minlength=out_h * out_w)
+  count = np.bincount(cell[valid], minlength=out_h * out_w)
+  mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+  return mean.reshape(out_h, out_w).astype(np.float32)
+
+
+def occupancy_target(boxes2d: np.ndarray, classes: np.ndarray, num_classes: int,
+                     image_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
+  """[h, w, num_classes + 1] float32 box-footprint occupancy: a cell is occupied by a box when
+  its centre lies inside the box (or it holds the centre of a box too small to cover any
+  cell centre); the last channel is 'any object'."""
+  out_h, out_w = out_hw
+  sy, sx = image_hw[0] / out_h, image_hw[1] / out_w
+  target = np.zeros((out_h, out_w, num_classes + 1), np.float32)
+  centre_x = (np.arange(out_w) + 0.5) * sx
+  centre_y = (np.arange(out_h) + 0.5) * sy
+  for (x1, y1, x2, y2), cls in zip(np.asarray(boxes2d, np.float64).reshape(-1, 4),
+                                   np.asarray(classes).reshape(-1)):
+    if not (x2 > x1 and y2 > y1):
+      continue
+    in_x = (centre_x >= x1) & (centre_x < x2)
+    in_y = (centre_y >= y1) & (centre_y < y2)
+    cells = in_y[:, None] & in_x[None, :]
+    if not cells.any():
+      col = int(np.clip((x1 + x2) / 2 / sx, 0, out_w - 1))
+      row = int(np.clip((y1 + y2) / 2 / sy, 0, out_h - 1))
+      cells[row, col] = True
+    target[..., int(cls)][cells] = 1.0
+  target[..., -1] = target[..., :-1].max(-1) if num_classes else 0.0
+  return target
+
+
+def _pad_rows(array: np.ndarray, rows: int, what: str) -> np.ndarray:
+  if array.shape[0] > rows:
+    raise ValueError(f'a frame has {array.shape[0]} visible {what}, more than '
+                     f'probe.max_gt_boxes={rows}; raise it (--config.probe.max_gt_boxes=N)')
+  out = np.zeros((rows, *array.shape[1:]), array.dtype)
+  out[:array.shape[0]] = array
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeGeometry:
+  """Resolutions of one probe setup: the clean view, the encoder's patch grid and every head's
+  output grid (S3: CenterNet 2x the grid, depth 4x, occupancy 2x, segmentation a fixed size)."""
+  image_hw: tuple[int, int]
+  grid_hw: tuple[int, int]
+  seg_hw: tuple[int, int]
+
+  @classmethod
+  def create(cls, image_hw, patch_size: int, seg_hw) -> ProbeGeometry:
+    image_hw, seg_hw = tuple(int(v) for v in image_hw), tuple(int(v) for v in seg_hw)
+    if image_hw[0] % patch_size or image_hw[1] % patch_size:
+      raise ValueError(f'probe.image_size {image_hw} is not divisible by the encoder patch size '
+                       f'{patch_size}')
+    return cls(image_hw, (image_hw[0] // patch_size, image_hw[1] // patch_size), seg_hw)
+
+  def scaled(self, factor: int) -> tuple[int, int]:
+    return self.grid_hw[0] * factor, self.grid_hw[1] * factor
+
+  @property
+  def detection_hw(self) -> tuple[int, int]:
+    return self.scaled(2)
+
+  @property
+  def depth_hw(self) -> tuple[int, int]:
+    return self.scaled(4)
+
+  @property
+  def occupancy_hw(self) -> tuple[int, int]:
+    return self.scaled(2)
+
+
+class ProbeFrame(grain.transforms.Map):
+  """Record -> a deterministic clean probe view and the targets of every enabled head.
+
+  The frame is resized (RGB bilinear, companion nearest) to geometry.image_hw; intrinsics and
+  2D boxes are scaled with it, 3D boxes stay in metres. Keys (per frame):
+    rgb [H, W, 3] uint8, companion [H, W] float32, intrinsics [3, 3], valid () 1.0
+    gt3d_boxes [G, 7], gt3d_classes [G] int32, gt3d_mask [G]    visible 3D boxes (evaluation)
+    ct3d_<heatmap|index|offset|size|depth|yaw|mask>             CenterNet3D targets (M slots)
+    gt2d_boxes [G, 4], gt2d_classes [G] int32, gt2d_mask [G]    2D boxes in probe pixels
+    ct2d_<heatmap|index|offset|wh|mask>                         CenterNet2D targets
+    seg [seg_h, seg_w] uint8 (nearest; IGNORE = 255)
+    depth [4 gh, 4 gw] float32 metres (cell mean of valid pixels; 0 = none)
+    occupancy [2 gh, 2 gw, C2 + 1]
+  M = probe.max_objects regression slots (CenterNet's cap; extra objects still get heatmap
+  peaks), G = probe.max_gt_boxes evaluation boxes (a frame with more is an error, never a
+  silent truncation of the ground truth).
+  """
+
+  def __init__(self, geometry: ProbeGeometry, heads: tuple[str, ...], num_classes_3d: int,
+               num_classes_2d: int, max_objects: int, max_gt_boxes: int):
+    self._geometry, self._heads = geometry, tuple(heads)
+    self._num_classes_3d, self._num_classes_2d = num_classes_3d, num_classes_2d
+    self._max_objects, self._max_gt = max_objects, max_gt_boxes
+
+  def map(self, record):
+    from lemumo_jax.evaluation import centernet  # pylint: disable=g-import-not-at-top
+    geo, heads, m, g = self._geometry, self._heads, self._max_objects, self._max_gt
+    height, width = geo.image_hw
+    src_h, src_w = record['rgb'].shape[:2]
+    sx, sy = width / src_w, height / src_h
+    rgb, companion = _resize_frame(record, height, width)
+    intrinsics = geometry_lib.scale_intrinsics(record['intrinsics'], sx, sy)
+    out = {'rgb': rgb, 'companion': companion, 'intrinsics': intrinsics.astype(np.float32),
+           'valid': np.float32(1.0)}
+    boxes3d, cls3d = record['boxes3d'], record['boxes3d_cls']
+    boxes2d = record['boxes2d'].astype(np.float64) * np.array([sx, sy, sx, sy])
+    cls2d = record['boxes2d_cls']
+    if 'centernet3d' in heads:
+      visible = centernet.visible_3d(boxes3d, intrinsics, geo.image_hw)
+      out['gt3d_boxes'] = _pad_rows(boxes3d[visible].astype(np.float32), g, '3D boxes')
+      out['gt3d_classes'] = _pad_rows(cls3d[visible].astype(np.int32), g, '3D boxes')
+      out['gt3d_mask'] = _pad_rows(np.ones(int(visible.sum()), np.float32), g, '3D boxes')
+      targets = centernet.encode_targets_3d(boxes3d, cls3d, intrinsics, geo.image_hw,
+                                            geo.detection_hw, self._num_classes_3d, m)
+      out.update({f'ct3d_{k}': v for k, v in targets.items()})
+    if 'centernet2d' in heads:
+      visible2d = centernet.visible_2d(boxes2d, geo.image_hw)
+      out['gt2d_boxes'] = _pad_rows(boxes2d[visible2d].astype(np.float32), g, '2D boxes')
+      out['gt2d_classes'] = _pad_rows(cls2d[visible2d].astype(np.int32), g, '2D boxes')
+      out['gt2d_mask'] = _pad_rows(np.ones(int(visible2d.sum()), np.float32), g, '2D boxes')
+      targets = centernet.encode_targets_2d(boxes2d, cls2d, geo.image_hw, geo.detection_hw,
+                                            self._num_classes_2d, m)
+      out.update({f'ct2d_{k}': v for k, v in targets.items()})
+    if 'seg' in heads:
+      out['seg'] = _nearest(record['seg'], geo.seg_hw)
+    if 'depth' in heads:
+      out['depth'] = cell_mean(record['depth_target'], geo.depth_hw)
+    if 'occupancy' in heads:
+      out['occupancy'] = occupancy_target(boxes2d, cls2d, self._num_classes_2d, geo.image_hw,
+                                          geo.occupancy_hw)
+    return out
+
+
+def _nearest(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """Nearest-neighbour resize by pixel centres ([H, W, ...] -> [h, w, ...])."""
+  height, width = image.shape[:2]
+  rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * height / out_hw[0]).astype(int), height - 1)
+  cols = np.minimum(((np.arange(out_hw[1]) + 0.5) * width / out_hw[1]).astype(int), width - 1)
+  return image[rows[:, None], cols[None, :]]
+
+
+def probe_train_loader(data_cfg, frame: ProbeFrame, global_batch_size: int, *, seed: int,
+                       start_step: int, num_steps: int) -> Iterator[dict[str, np.ndarray]]:
+  """Probe-training batches start_step .. num_steps - 1 of the train split (shuffled per
+  epoch, deterministic per step like pretrain_loader)."""
+  return _training_batches(data_cfg, 'train', frame, global_batch_size, seed, start_step,
+                           num_steps)
+
+
+def num_eval_batches(num_records: int, global_batch_size: int) -> int:
+  """Batches of one full pass over a split: the same on every host (records are strided over
+  hosts; hosts with fewer records pad)."""
+  host_batch = _host_batch(global_batch_size)
+  per_host = math.ceil(num_records / jax.process_count())
+  return max(1, math.ceil(per_host / host_batch))
+
+
+def probe_eval_loader(data_cfg, frame: ProbeFrame, global_batch_size: int,
+                      split: str = 'val') -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over `split`. The last batch is padded with copies of its last frame
+  whose 'valid' is 0, so every batch has the full size (the mesh needs it) and every host
+  yields num_eval_batches batches."""
+  host_batch = _host_batch(global_batch_size)
+  source, records = _host_records(data_cfg, split)
+  total = num_eval_batches(len(source), global_batch_size)
+  if len(records) == 0:
+    raise ValueError(f'{source!r} has no {split!r} records for host {jax.process_index()}')
+  dataset = records.map(frame).batch(host_batch, drop_remainder=False)
+  count = 0
+  for batch in _iterate(dataset, data_cfg):
+    yield _pad_batch(batch, host_batch)
+    count += 1
+  last = None
+  while count < total:  # this host ran out of records: all-padding batches keep hosts in step
+    if last is None:
+      last = _pad_batch({k: v[:1] for k, v in batch.items()}, host_batch)
+      last['valid'] = np.zeros_like(last['valid'])
+    yield last
+    count += 1
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  have = next(iter(batch.values())).shape[0]
+  if have == size:
+    return batch
+  out = {k: np.concatenate([v, np.repeat(v[-1:], size - have, axis=0)]) for k, v in batch.items()}
+  out['valid'][have:] = 0.0
+  return out

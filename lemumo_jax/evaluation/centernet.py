@@ -120,6 +120,29 @@ def _splat_objects(centres_uv, sizes_hw, classes, valid, image_hw, output_hw, nu
   return heatmap, np.asarray(slots, np.int64), index, offset, mask
 
 
+def visible_3d(boxes3d: np.ndarray, intrinsics: np.ndarray,
+               image_hw: tuple[int, int]) -> np.ndarray:
+  """[K] bool: the boxes a camera-view probe can see, i.e. the ones encode_targets_3d gives a
+  target: centre >= MIN_DEPTH in front and projecting inside the image, and all corners in
+  front with a clipped 2D box over 1 px each way. The evaluation's ground truth is this set."""
+  boxes = np.asarray(boxes3d, np.float64).reshape(-1, 7)
+  centres_uv, z = geometry.project_points(boxes[:, :3], intrinsics)
+  _, keep = geometry.boxes3d_to_2d(boxes, intrinsics, *image_hw)
+  height, width = image_hw
+  inside = (np.all(np.isfinite(centres_uv), 1) & (centres_uv[:, 0] >= 0)
+            & (centres_uv[:, 0] < width) & (centres_uv[:, 1] >= 0) & (centres_uv[:, 1] < height))
+  return keep & (z >= MIN_DEPTH) & inside
+
+
+def visible_2d(boxes2d: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+  """[K] bool: 2D boxes of positive size whose centre lies inside the image (encode_targets_2d's
+  set)."""
+  boxes = np.asarray(boxes2d, np.float64).reshape(-1, 4)
+  cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+  return ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (cx >= 0)
+          & (cx < image_hw[1]) & (cy >= 0) & (cy < image_hw[0]))
+
+
 def encode_targets_3d(boxes3d: np.ndarray, classes: np.ndarray, intrinsics: np.ndarray,
                       image_hw: tuple[int, int], output_hw: tuple[int, int], num_classes: int,
                       max_objects: int = 64, min_overlap: float = 0.7) -> dict[str, np.ndarray]:
@@ -136,12 +159,12 @@ def encode_targets_3d(boxes3d: np.ndarray, classes: np.ndarray, intrinsics: np.n
   classes = _check_classes(classes, boxes.shape[0], num_classes, 'encode_targets_3d')
   if np.any(boxes[:, 3:6] <= 0):
     raise ValueError(f'encode_targets_3d: box sizes (l, w, h) must be > 0, got {boxes[:, 3:6]}')
-  centres_uv, z = geometry.project_points(boxes[:, :3], intrinsics)
-  boxes2d, keep = geometry.boxes3d_to_2d(boxes, intrinsics, *image_hw)
+  centres_uv, _ = geometry.project_points(boxes[:, :3], intrinsics)
+  boxes2d, _ = geometry.boxes3d_to_2d(boxes, intrinsics, *image_hw)
   sizes_hw = np.stack([boxes2d[:, 3] - boxes2d[:, 1], boxes2d[:, 2] - boxes2d[:, 0]], -1)
   heatmap, slots, index, offset, mask = _splat_objects(
-      centres_uv, sizes_hw, classes, keep & (z >= MIN_DEPTH), image_hw, output_hw,
-      num_classes, max_objects, min_overlap)
+      centres_uv, sizes_hw, classes, visible_3d(boxes, intrinsics, image_hw), image_hw,
+      output_hw, num_classes, max_objects, min_overlap)
   size = np.zeros((max_objects, 3), np.float32)
   depth = np.zeros((max_objects, 1), np.float32)
   yaw = np.zeros((max_objects, 2), np.float32)

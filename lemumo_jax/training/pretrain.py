@@ -26,6 +26,7 @@ from absl import logging
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.models import ssl
 from lemumo_jax.objectives import lejepa
+from lemumo_jax.training import progress
 from lemumo_jax.training import state as state_lib
 
 Objective = Callable[[jax.Array, dict[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -111,19 +112,6 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
     os.replace(path + '.tmp', path)
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-def _metric_writer(workdir: str):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  if jax.process_index() > 0:
-    return metric_writers.MultiWriter([])
-  return metric_writers.AsyncMultiWriter(
-      [metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))])
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains, checkpoints, exports the encoder; returns a summary (losses, steps, paths)."""
   workdir = os.path.abspath(workdir)
@@ -172,7 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     out_shardings=(state_sharding, replicated), donate_argnums=0)
   loader = pipeline.pretrain_loader(config.data, config.train.batch_size, seed=config.seed,
                                     start_step=start_step, num_steps=total_steps)
-  writer = _metric_writer(workdir)
+  writer = progress.metric_writer(workdir)
   history: list[tuple[int, float]] = []
   step = start_step
   last_time, last_step = time.time(), start_step
@@ -203,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f'(sigreg {scalars.get("sigreg", float("nan")):.4f}, '
             f'inv {scalars.get("invariance", float("nan")):.4f}) | lr {scalars["lr"]:.2e} | '
             f'{rate:.2f} steps/s, {rate * config.train.batch_size:.1f} samples/s | '
-            f'ETA {_format_eta((total_steps - step) / max(rate, 1e-9))}', flush=True)
+            f'ETA {progress.format_eta((total_steps - step) / max(rate, 1e-9))}', flush=True)
     if step % config.train.checkpoint_every == 0 or step == total_steps:
       check_finite()
       manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)

@@ -1,0 +1,526 @@
+"""The frozen-patch-probe stage (paper section 4.1 and S3): every head trained at once.
+
+The encoder exported by pretraining (or, for Table 1's "encoder frozen" rows, the same
+architecture at its random initialisation) is frozen; its patch grid feeds the probe heads
+(models/probes.py). Inputs are deterministic clean views (probe.image_size, no crop, flip or
+colour). The heads train with AdamW for probe.num_epochs, are validated on the full val split
+every probe.val_every steps, and the validation with the lowest total probe loss is kept:
+its params are saved and its metrics are the reported numbers.
+
+Losses, per head:
+  centernet3d  CenterNet focal heatmap loss + L1 on offset, log size, log depth, (sin, cos) yaw
+  centernet2d  focal heatmap loss + L1 on offset and log (w, h)
+  seg          softmax cross-entropy over labelled pixels (IGNORE_LABEL skipped)
+  depth        L1 in metres over pixels with a depth label
+  occupancy    focal-reweighted BCE-with-logits + soft Dice + 0.1 x consistency between the
+               'any object' channel and the max over the class channels
+
+Files under <workdir>/probe (probe_random for the random-encoder control): checkpoints/ (Orbax,
+resumable like pretraining), best/ (best params + best.json), tensorboard/, report.md,
+report.json, probe_outputs.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from lemumo_jax.data import augment, pipeline, sources
+from lemumo_jax.data.schema import IGNORE_LABEL
+from lemumo_jax.evaluation import centernet, metrics, report
+from lemumo_jax.models import encoders, probes
+from lemumo_jax.training import progress
+from lemumo_jax.training import state as state_lib
+
+OCCUPANCY_FOCAL_GAMMA = 2.0
+OCCUPANCY_CONSISTENCY_WEIGHT = 0.1
+REGRESSION_3D = ('offset', 'size', 'depth', 'yaw')
+REGRESSION_2D = ('offset', 'wh')
+
+
+# ----------------------------------------------------------------------------------- losses
+
+
+def _seg_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  labels = labels.astype(jnp.int32)
+  valid = labels != IGNORE_LABEL
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                       jnp.where(valid, labels, 0))
+  return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def _depth_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+  valid = target > 0
+  return jnp.sum(jnp.abs(pred - target) * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def occupancy_losses(logits: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+  """logits, target [B, h, w, C + 1] (the last channel = any object) -> focal BCE, Dice,
+  consistency (each a scalar)."""
+  logits = logits.astype(jnp.float32)
+  prob = jax.nn.sigmoid(logits)
+  bce = optax.sigmoid_binary_cross_entropy(logits, target)
+  p_t = prob * target + (1 - prob) * (1 - target)
+  focal = jnp.mean(bce * (1 - p_t)**OCCUPANCY_FOCAL_GAMMA)
+  intersection = jnp.sum(prob * target, axis=(1, 2))
+  dice = 1 - (2 * intersection + 1) / (jnp.sum(prob, axis=(1, 2)) + jnp.sum(target, axis=(1, 2))
+                                       + 1)
+  out = {'focal': focal, 'dice': jnp.mean(dice)}
+  if logits.shape[-1] > 2:  # several classes plus 'any'
+    out['consistency'] = jnp.mean(jnp.abs(prob[..., -1] - jnp.max(prob[..., :-1], axis=-1)))
+  else:
+    out['consistency'] = jnp.zeros(())
+  return out
+
+
+def probe_losses(outputs: dict[str, Any], batch: dict[str, jax.Array],
+                 heads: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Batch losses: '<head>' (that head's total), '<head>/<term>', and 'loss' = sum of heads."""
+  out = {}
+  for head, prefix, regression in (('centernet3d', 'ct3d', REGRESSION_3D),
+                                   ('centernet2d', 'ct2d', REGRESSION_2D)):
+    if head not in heads:
+      continue
+    pred = outputs[head]
+    terms = {'heatmap': centernet.focal_heatmap_loss(pred['heatmap'], batch[f'{prefix}_heatmap'])}
+    for name in regression:
+      terms[name] = centernet.masked_l1_loss(pred[name], batch[f'{prefix}_index'],
+                                             batch[f'{prefix}_{name}'], batch[f'{prefix}_mask'])
+    out.update({f'{head}/{k}': v for k, v in terms.items()})
+    out[head] = sum(terms.values())
+  if 'seg' in heads:
+    out['seg'] = _seg_loss(outputs['seg'], batch['seg'])
+  if 'depth' in heads:
+    out['depth'] = _depth_loss(outputs['depth'], batch['depth'])
+  if 'occupancy' in heads:
+    terms = occupancy_losses(outputs['occupancy'], batch['occupancy'])
+    out.update({f'occupancy/{k}': v for k, v in terms.items()})
+    out['occupancy'] = (terms['focal'] + terms['dice']
+                        + OCCUPANCY_CONSISTENCY_WEIGHT * terms['consistency'])
+  out['loss'] = sum(out[h] for h in heads)
+  return out
+
+
+# ----------------------------------------------------------------------------------- set-up
+
+
+def probe_dirname(probe_cfg: ml_collections.ConfigDict) -> str:
+  if probe_cfg.encoder not in ('pretrained', 'random'):
+    raise ValueError(f"config.probe.encoder must be 'pretrained' or 'random', got "
+                     f'{probe_cfg.encoder!r}')
+  return 'probe' if probe_cfg.encoder == 'pretrained' else 'probe_random'
+
+
+def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str) -> None:
+  unknown = sorted(set(heads) - set(probes.HEADS))
+  if unknown or not heads:
+    raise ValueError(f'config.probe.heads={list(heads)}: choose one or more of '
+                     f'{list(probes.HEADS)}')
+  needs = {'centernet3d': 'classes_3d', 'centernet2d': 'classes_2d', 'seg': 'seg_classes',
+           'occupancy': 'classes_2d'}
+  for head in heads:
+    key = needs.get(head)
+    if key and not metadata.get(key):
+      raise ValueError(f'probe head {head!r} needs {key} in the dataset metadata '
+                       f'({data_dir or "synthetic"}), which has none; drop it from '
+                       f'config.probe.heads')
+
+
+def training_data_label(model_cfg, companion: str) -> str:
+  """The paper's "Training Data" column: modalities the encoder saw."""
+  other = {'depth': 'Depth', 'thermal': 'Thermal'}.get(companion, companion)
+  if model_cfg['family'] == 'vit':
+    return 'RGB' if model_cfg['inputs'] == 'rgb' else other
+  return f'RGB+{other}'
+
+
+def _load_encoder(config: ml_collections.ConfigDict, workdir: str, image_hw):
+  """(module, params, model cfg, description) of the frozen encoder."""
+  if config.probe.encoder == 'pretrained':
+    directory = config.probe.encoder_dir or state_lib.encoder_dir(workdir)
+    module, params, model_cfg = state_lib.load_encoder(directory)
+    return module, params, model_cfg, f'pretrained ({directory})'
+  module = encoders.build_encoder(config.model)
+  channels = config.model.companion_channels
+  params = jax.jit(lambda key: module.init(
+      key, jnp.zeros((1, *image_hw, 3)), jnp.zeros((1, *image_hw, channels)),
+      train=False)['params'])(jax.random.PRNGKey(config.seed))
+  return module, params, config.model, f'random init (seed {config.seed}), frozen'
+
+
+def _to_host(tree):
+  """Global arrays -> numpy on this host (all hosts' rows on multi-host runs)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _atomic_json(path: str, payload: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(payload, f, indent=2, default=float)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+class ProbeEvaluator:
+  """Accumulates one validation pass: per-example losses, detections, seg, depth, occupancy."""
+
+  def __init__(self, heads, metadata, geometry: pipeline.ProbeGeometry, probe_cfg,
+               num_figure_frames: int = 0):
+    self.heads, self.geometry, self.cfg = tuple(heads), geometry, probe_cfg
+    self.classes_3d = tuple(metadata.get('classes_3d', ()))
+    self.classes_2d = tuple(metadata.get('classes_2d', ()))
+    self.seg_classes = tuple(metadata.get('seg_classes', ()))
+    self.det3d = metrics.Detection3DAccumulator(self.classes_3d)
+    self.det2d = metrics.Detection2DAccumulator(self.classes_2d)
+    self.seg = metrics.SegmentationMetric(max(len(self.seg_classes), 1))
+    self.depth = metrics.DepthMAE()
+    channels = len(self.classes_2d) + 1
+    self.occ_inter, self.occ_union = np.zeros(channels), np.zeros(channels)
+    self.loss_sums: dict[str, float] = {}
+    self.count = 0
+    self.num_figure_frames = num_figure_frames
+    self.figure_frames: list[dict[str, Any]] = []
+
+  def update(self, losses: dict[str, np.ndarray], preds: dict[str, np.ndarray],
+             batch: dict[str, np.ndarray]) -> None:
+    valid = np.asarray(batch['valid']) > 0
+    for name, values in losses.items():
+      self.loss_sums[name] = self.loss_sums.get(name, 0.0) + float(np.sum(values[valid]))
+    self.count += int(valid.sum())
+    cfg, geo = self.cfg, self.geometry
+    for b in np.flatnonzero(valid):
+      frame = {}
+      if 'centernet3d' in self.heads:
+        boxes, scores, classes = centernet.decode_3d(
+            preds['ct3d_heatmap'][b], preds['ct3d_offset'][b], preds['ct3d_size'][b],
+            preds['ct3d_depth'][b], preds['ct3d_yaw'][b], batch['intrinsics'][b], geo.image_hw,
+            k=cfg.max_detections, score_threshold=cfg.score_threshold)
+        gt = batch['gt3d_mask'][b] > 0
+        self.det3d.update(boxes, scores, classes, batch['gt3d_boxes'][b][gt],
+                          batch['gt3d_classes'][b][gt])
+        frame.update(pred_boxes3d=boxes, pred_scores3d=scores, pred_classes3d=classes,
+                     gt_boxes3d=batch['gt3d_boxes'][b][gt], gt_classes3d=batch['gt3d_classes'][b][gt])
+      if 'centernet2d' in self.heads:
+        boxes, scores, classes = centernet.decode_2d(
+            preds['ct2d_heatmap'][b], preds['ct2d_offset'][b], preds['ct2d_wh'][b], geo.image_hw,
+            k=cfg.max_detections, score_threshold=cfg.score_threshold)
+        gt = batch['gt2d_mask'][b] > 0
+        self.det2d.update(boxes, scores, classes, batch['gt2d_boxes'][b][gt],
+                          batch['gt2d_classes'][b][gt])
+        frame.update(pred_boxes2d=boxes, pred_scores2d=scores, pred_classes2d=classes,
+                     gt_boxes2d=batch['gt2d_boxes'][b][gt], gt_classes2d=batch['gt2d_classes'][b][gt])
+      if len(self.figure_frames) < self.num_figure_frames:
+        frame.update(rgb=batch['rgb'][b], intrinsics=batch['intrinsics'][b])
+        for key in ('seg', 'depth', 'occupancy'):
+          if key in self.heads:
+            frame[f'pred_{key}'], frame[f'gt_{key}'] = preds[key][b], batch[key][b]
+        self.figure_frames.append(frame)
+    if 'seg' in self.heads:
+      self.seg.update(preds['seg'][valid], batch['seg'][valid])
+    if 'depth' in self.heads:
+      self.depth.update(preds['depth'][valid], batch['depth'][valid])
+    if 'occupancy' in self.heads:
+      pred, target = preds['occupancy'][valid] > 0.5, batch['occupancy'][valid] > 0.5
+      self.occ_inter += np.sum(pred & target, axis=(0, 1, 2))
+      self.occ_union += np.sum(pred | target, axis=(0, 1, 2))
+
+  def result(self) -> dict[str, Any]:
+    """Flat metrics: 'loss' and 'loss/<part>' (mean per frame), then per head: mAP_XY, ADE_XY,
+    mAP_XZ, AP_XY/<class>, ...; mAP50, AP50/<class>; seg_mIoU, IoU/<class>; depth_MAE (m);
+    occupancy_IoU ('any object') and occupancy_IoU/<class>. AP and IoU are fractions."""
+    if not self.count:
+      raise RuntimeError('the validation pass saw no frames')
+    out = {('loss' if k == 'loss' else f'loss/{k}'): v / self.count
+           for k, v in self.loss_sums.items()}
+    if 'centernet3d' in self.heads:
+      out.update(self.det3d.summary())
+    if 'centernet2d' in self.heads:
+      out.update(self.det2d.summary())
+    if 'seg' in self.heads:
+      seg = self.seg.result()
+      out['seg_mIoU'] = seg['mIoU']
+      out.update({f'IoU/{n}': float(v) for n, v in zip(self.seg_classes, seg['IoU'])})
+    if 'depth' in self.heads:
+      out['depth_MAE'] = self.depth.result()
+    if 'occupancy' in self.heads:
+      # Neutral empty-union policy: a channel nobody (target or prediction) occupied over the
+      # split has no IoU and is left out, neither 0 nor 1.
+      iou = np.divide(self.occ_inter, self.occ_union, out=np.full(self.occ_union.shape, np.nan),
+                      where=self.occ_union > 0)
+      out['occupancy_IoU'] = float(iou[-1])
+      out.update({f'occupancy_IoU/{n}': float(v) for n, v in zip(self.classes_2d, iou[:-1])})
+    return out
+
+
+# ------------------------------------------------------------------------------------ steps
+
+
+def _features_fn(encoder, view_cfg: augment.ViewConfig):
+  def features(encoder_params, batch):
+    rgb = augment.normalize(batch['rgb'].astype(jnp.float32) / 255.0, view_cfg)
+    companion = batch['companion'].astype(jnp.float32)[..., None]
+    patches = encoder.apply({'params': encoder_params}, rgb, companion, train=False).patches
+    return jax.lax.stop_gradient(patches)
+  return features
+
+
+def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, schedule):
+  """(train_step, eval_step). train_step(state, encoder_params, batch) -> (state, metrics);
+  eval_step(state, encoder_params, batch) -> (per-example losses, predictions)."""
+  features = _features_fn(encoder, view_cfg)
+  heads = tuple(heads_module.heads)
+
+  def train_step(state, encoder_params, batch):
+    patches = features(encoder_params, batch)
+
+    def loss_fn(params):
+      outputs, updates = heads_module.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, patches, train=True,
+          mutable=['batch_stats'])
+      losses = probe_losses(outputs, batch, heads)
+      return losses['loss'], (losses, updates.get('batch_stats', {}))
+
+    (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1,
+                          state.nonfinite_step)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, nonfinite_step=nonfinite)
+    return new_state, dict(losses, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+
+  def eval_step(state, encoder_params, batch):
+    patches = features(encoder_params, batch)
+    outputs = heads_module.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                                 patches, train=False)
+    one = lambda tree: jax.tree.map(lambda x: x[None], tree)
+    losses = jax.vmap(lambda o, b: probe_losses(one(o), one(b), heads))(outputs, batch)
+    preds = {}
+    for head, prefix in (('centernet3d', 'ct3d'), ('centernet2d', 'ct2d')):
+      if head in heads:
+        preds.update({f'{prefix}_{k}': v for k, v in outputs[head].items()})
+        preds[f'{prefix}_heatmap'] = jax.nn.sigmoid(outputs[head]['heatmap'])
+    if 'seg' in heads:
+      preds['seg'] = jnp.argmax(outputs['seg'], axis=-1).astype(jnp.int32)
+    if 'depth' in heads:
+      preds['depth'] = outputs['depth']
+    if 'occupancy' in heads:
+      preds['occupancy'] = jax.nn.sigmoid(outputs['occupancy'])
+    return losses, preds
+
+  return train_step, eval_step
+
+
+# ------------------------------------------------------------------------------------- loop
+
+
+def _fmt_val(values: dict[str, Any]) -> str:
+  parts = [f'loss {values["loss"]:.4f}']
+  for key, label, scale, digits in (('mAP_XY', 'mAP XY', 100, 1), ('depth_MAE', 'Depth MAE', 1, 3),
+                                    ('mAP_XZ', 'mAP XZ', 100, 1), ('seg_mIoU', 'mIoU', 1, 3),
+                                    ('mAP50', 'mAP50', 100, 2), ('occupancy_IoU', 'occ IoU', 1, 3)):
+    if key in values:
+      parts.append(f'{label} {values[key] * scale:.{digits}f}')
+  return ', '.join(parts)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the probes on the frozen encoder, keeps the best validation, writes the report.
+
+  Returns {'metrics': best validation metrics, 'best_step', 'probe_dir', 'report': path,
+  'history': [(step, train loss)], 'val_history': [(step, val loss)]}.
+  """
+  workdir = os.path.abspath(workdir)
+  probe_cfg = config.probe
+  probe_dir = os.path.join(workdir, probe_dirname(probe_cfg))
+  metadata = sources.dataset_metadata(config.data)
+  heads = tuple(probe_cfg.heads)
+  check_heads(heads, metadata, config.data.data_dir)
+  image_hw = tuple(int(v) for v in probe_cfg.image_size)
+  encoder, encoder_params, model_cfg, encoder_desc = _load_encoder(config, workdir, image_hw)
+  geometry = pipeline.ProbeGeometry.create(image_hw, int(model_cfg['patch_size']),
+                                           probe_cfg.seg_size)
+  frame = pipeline.ProbeFrame(geometry, heads, len(metadata.get('classes_3d', ())),
+                              len(metadata.get('classes_2d', ())), probe_cfg.max_objects,
+                              probe_cfg.max_gt_boxes)
+  heads_module = probes.ProbeHeads(
+      heads=heads, num_classes_3d=len(metadata.get('classes_3d', ())),
+      num_classes_2d=len(metadata.get('classes_2d', ())),
+      num_seg_classes=len(metadata.get('seg_classes', ())), seg_size=geometry.seg_hw,
+      centernet_hidden=probe_cfg.centernet_hidden, occupancy_hidden=probe_cfg.occupancy_hidden)
+
+  num_train = int(metadata['splits']['train'])
+  num_val = int(metadata['splits']['val'])
+  total_steps = (int(probe_cfg.num_steps) if probe_cfg.num_steps > 0 else
+                 probe_cfg.num_epochs * pipeline.steps_per_epoch(num_train, probe_cfg.batch_size))
+  optim_cfg = ml_collections.ConfigDict(dict(
+      lr=probe_cfg.lr, weight_decay=probe_cfg.weight_decay, b1=0.9, b2=0.999,
+      warmup_fraction=probe_cfg.warmup_fraction, final_lr_fraction=1e-3, grad_clip=0.0))
+  schedule = state_lib.learning_rate_schedule(optim_cfg, total_steps)
+  tx = state_lib.make_optimizer(optim_cfg, total_steps)
+
+  mesh = state_lib.make_mesh()
+  if probe_cfg.batch_size % mesh.size:
+    raise ValueError(f'config.probe.batch_size={probe_cfg.batch_size} is not divisible by the '
+                     f'{mesh.size} devices of the mesh')
+  replicated = state_lib.replicated(mesh)
+  encoder_params = jax.device_put(encoder_params, replicated)
+  width = int(model_cfg['width'])
+
+  def init_state(key):
+    dummy = jnp.zeros((1, *geometry.grid_hw, width))
+    return state_lib.create_train_state(heads_module.init(key, dummy, train=False), tx)
+
+  init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  abstract_state = jax.eval_shape(init_state, init_key)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  manager = state_lib.checkpoint_manager(probe_dir, ml_collections.ConfigDict(dict(
+      checkpoint_every=probe_cfg.checkpoint_every, keep_checkpoints=2)))
+  state = state_lib.restore_latest(manager, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_sharding))
+  if state is None:
+    state, start_step = jax.jit(init_state, out_shardings=state_sharding)(init_key), 0
+  else:
+    start_step = int(jax.device_get(state.step))
+    print(f'Resuming probes from step {start_step} in {manager.directory}', flush=True)
+  best = _read_best(probe_dir)
+
+  view_cfg = augment.ViewConfig.from_config(config.views)
+  train_step, eval_step = make_probe_steps(encoder, heads_module, tx, view_cfg, schedule)
+  data_sharding = state_lib.batch_sharding(mesh)
+  train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated, data_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(eval_step, in_shardings=(state_sharding, replicated, data_sharding))
+  num_probe_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f'probes {list(heads)} on a frozen {model_cfg["family"]} encoder, {encoder_desc}: '
+        f'{num_probe_params / 1e6:.2f}M probe params, {image_hw[0]}x{image_hw[1]} clean views '
+        f'-> {geometry.grid_hw[0]}x{geometry.grid_hw[1]} patches; {total_steps} steps of batch '
+        f'{probe_cfg.batch_size}, validation on {num_val} frames every {probe_cfg.val_every} '
+        f'steps', flush=True)
+
+  def evaluate(eval_state, num_figure_frames=0) -> tuple[dict[str, Any], list]:
+    evaluator = ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
+    for host_batch in pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size):
+      batch = state_lib.global_batch(mesh, host_batch)
+      losses, preds = eval_step(eval_state, encoder_params, batch)
+      evaluator.update(*_to_host((losses, preds, batch)))
+    return evaluator.result(), evaluator.figure_frames
+
+  writer = progress.metric_writer(probe_dir)
+  history, val_history = [], []
+  step = start_step
+  last_time, last_step = time.time(), start_step
+  loader = pipeline.probe_train_loader(config.data, frame, probe_cfg.batch_size,
+                                       seed=config.seed + 1, start_step=start_step,
+                                       num_steps=total_steps)
+  for host_batch in loader:
+    state, step_metrics = train_step(state, encoder_params, state_lib.global_batch(mesh, host_batch))
+    step += 1
+    if step % probe_cfg.log_every == 0 or step == total_steps:
+      step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      _check_finite(state, step, probe_dir)
+      now = time.time()
+      rate = (step - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, step
+      writer.write_scalars(step, {f'train/{k}': v for k, v in step_metrics.items()}
+                           | {'train/steps_per_sec': rate})
+      history.append((step, step_metrics['loss']))
+      per_head = ', '.join(f'{h} {step_metrics[h]:.3f}' for h in heads)
+      print(f'probe step {step}/{total_steps} | loss {step_metrics["loss"]:.4f} ({per_head}) | '
+            f'lr {step_metrics["lr"]:.2e} | {rate:.2f} steps/s | '
+            f'ETA {progress.format_eta((total_steps - step) / max(rate, 1e-9))}', flush=True)
+    if step % probe_cfg.val_every == 0 or step == total_steps:
+      _check_finite(state, step, probe_dir)
+      values, _ = evaluate(state)
+      val_history.append((step, values['loss']))
+      writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
+      improved = best is None or values['loss'] < best['metrics']['loss']
+      if improved:
+        best = _save_best(probe_dir, step, state, values)
+      print(f'val @ {step}: {_fmt_val(values)}{"  [best]" if improved else ""}', flush=True)
+    if step % probe_cfg.checkpoint_every == 0 or step == total_steps:
+      manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)
+  manager.wait_until_finished()
+  writer.flush()
+  if step < total_steps:
+    raise RuntimeError(f'the probe data loader stopped at step {step} of {total_steps}')
+  if best is None:  # a finished run resumed with best/ deleted: validate the final state
+    values, _ = evaluate(state)
+    best = _save_best(probe_dir, step, state, values)
+
+  best_state = _restore_best(probe_dir, best, state, state_sharding)
+  values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
+  row = report.ReportRow(
+      method=config.method + (' encoder frozen' if probe_cfg.encoder == 'random' else ''),
+      training_data=training_data_label(model_cfg, metadata.get('companion', 'depth')),
+      metrics=values)
+  paths = report.write_report(
+      probe_dir, row, details={
+          'encoder': encoder_desc, 'best_step': best['step'], 'total_steps': total_steps,
+          'heads': list(heads), 'probe_view': list(image_hw), 'patch_grid': list(geometry.grid_hw),
+          'dataset': metadata.get('dataset', config.data.name), 'val_frames': num_val},
+      figure_frames=figure_frames, metadata=metadata, image_hw=image_hw)
+  print(report.markdown_table([row]), flush=True)
+  print(f'Probe report: {paths["markdown"]} (figure {paths.get("figure", "none")})', flush=True)
+  return {'metrics': values, 'best_step': best['step'], 'probe_dir': probe_dir,
+          'report': paths['markdown'], 'history': history, 'val_history': val_history}
+
+
+def _check_finite(state, step: int, probe_dir: str) -> None:
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    raise FloatingPointError(f'probe loss became NaN/Inf at step {bad} (checked at step '
+                             f'{step}, {probe_dir}); lower config.probe.lr')
+
+
+def _read_best(probe_dir: str) -> dict[str, Any] | None:
+  path = os.path.join(probe_dir, 'best', 'best.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _save_best(probe_dir: str, step: int, state, values: dict[str, Any]) -> dict[str, Any]:
+  """Writes best/params_<step> (Orbax), then best.json naming it (atomic rename), then removes
+  older params: a kill at any point leaves a best.json that names complete params."""
+  best_dir = os.path.join(probe_dir, 'best')
+  name = f'params_{step}'
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(best_dir, name),
+                    {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
+  checkpointer.wait_until_finished()
+  best = {'step': int(step), 'params_dir': name,
+          'metrics': {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}}
+  if jax.process_index() == 0:
+    _atomic_json(os.path.join(best_dir, 'best.json'), best)
+    for entry in os.listdir(best_dir):
+      if entry.startswith('params_') and entry != name:
+        shutil.rmtree(os.path.join(best_dir, entry), ignore_errors=True)
+  return best
+
+
+def _restore_best(probe_dir: str, best: dict[str, Any], state, state_sharding):
+  target = {'params': state.params, 'batch_stats': state.batch_stats}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          target)
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(probe_dir, 'best', best['params_dir']), abstract)
+  return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
