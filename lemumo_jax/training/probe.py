@@ -205,25 +205,24 @@ class ProbeEvaluator:
     cfg, geo = self.cfg, self.geometry
     for b in np.flatnonzero(valid):
       frame = {}
-      if 'centernet3d' in self.heads:
-        boxes, scores, classes = centernet.decode_3d(
-            preds['ct3d_heatmap'][b], preds['ct3d_offset'][b], preds['ct3d_size'][b],
-            preds['ct3d_depth'][b], preds['ct3d_yaw'][b], batch['intrinsics'][b], geo.image_hw,
-            k=cfg.max_detections, score_threshold=cfg.score_threshold)
-        gt = batch['gt3d_mask'][b] > 0
-        self.det3d.update(boxes, scores, classes, batch['gt3d_boxes'][b][gt],
-                          batch['gt3d_classes'][b][gt])
-        frame.update(pred_boxes3d=boxes, pred_scores3d=scores, pred_classes3d=classes,
-                     gt_boxes3d=batch['gt3d_boxes'][b][gt], gt_classes3d=batch['gt3d_classes'][b][gt])
-      if 'centernet2d' in self.heads:
-        boxes, scores, classes = centernet.decode_2d(
-            preds['ct2d_heatmap'][b], preds['ct2d_offset'][b], preds['ct2d_wh'][b], geo.image_hw,
-            k=cfg.max_detections, score_threshold=cfg.score_threshold)
-        gt = batch['gt2d_mask'][b] > 0
-        self.det2d.update(boxes, scores, classes, batch['gt2d_boxes'][b][gt],
-                          batch['gt2d_classes'][b][gt])
-        frame.update(pred_boxes2d=boxes, pred_scores2d=scores, pred_classes2d=classes,
-                     gt_boxes2d=batch['gt2d_boxes'][b][gt], gt_classes2d=batch['gt2d_classes'][b][gt])
+      for dim, accumulator in (('3d', self.det3d), ('2d', self.det2d)):
+        if f'centernet{dim}' not in self.heads:
+          continue
+        if dim == '3d':
+          decoded = centernet.decode_3d(
+              *(preds[f'ct3d_{k}'][b] for k in ('heatmap', *REGRESSION_3D)),
+              batch['intrinsics'][b], geo.image_hw, k=cfg.max_detections,
+              score_threshold=cfg.score_threshold)
+        else:
+          decoded = centernet.decode_2d(
+              *(preds[f'ct2d_{k}'][b] for k in ('heatmap', *REGRESSION_2D)), geo.image_hw,
+              k=cfg.max_detections, score_threshold=cfg.score_threshold)
+        gt = batch[f'gt{dim}_mask'][b] > 0
+        gt_boxes, gt_classes = batch[f'gt{dim}_boxes'][b][gt], batch[f'gt{dim}_classes'][b][gt]
+        accumulator.update(*decoded, gt_boxes, gt_classes)
+        frame.update({f'pred_boxes{dim}': decoded[0], f'pred_scores{dim}': decoded[1],
+                      f'pred_classes{dim}': decoded[2], f'gt_boxes{dim}': gt_boxes,
+                      f'gt_classes{dim}': gt_classes})
       if len(self.figure_frames) < self.num_figure_frames:
         frame.update(rgb=batch['rgb'][b], intrinsics=batch['intrinsics'][b])
         for key in ('seg', 'depth', 'occupancy'):
