@@ -356,3 +356,18 @@ def test_probe_on_four_devices_matches_one(python_env, tmp_path):
       assert four[key] is None, key
     else:
       np.testing.assert_allclose(four[key], one[key], rtol=2e-3, atol=1e-4, err_msg=key)
+
+
+def test_compare_tables_across_runs(tmp_path):
+  from lemumo_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
+  for name, mae, xy in (('a', 4.7, 0.193), ('b', 6.7, 0.138)):
+    report.write_report(str(tmp_path / name),
+                        report.ReportRow(f'lejepa_rgb{"" if name == "a" else " encoder frozen"}',
+                                         'RGB', {'mAP_XY': xy, 'depth_MAE': mae}), details={})
+  rows = compare.load_rows([str(tmp_path / 'a'), str(tmp_path / 'b' / 'report.json')])
+  table = compare.write_table(rows, str(tmp_path / 'table1.md'), 'Table 1')
+  assert table.splitlines()[2] == '| lejepa_rgb | RGB | **19.3** | **4.700** |'
+  assert table.splitlines()[3] == '| lejepa_rgb encoder frozen | RGB | <u>13.8</u> | <u>6.700</u> |'
+  assert json.loads((tmp_path / 'table1.json').read_text())[1]['table']['Depth MAE ↓'] == 6.7
+  with pytest.raises(FileNotFoundError, match='run the probe stage'):
+    compare.load_rows([str(tmp_path / 'missing')])
