@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Paper S2 defaults (Waymo): ViT-S/16, batch 64, 2 x 224 + 8 x 96 crops, proj dim 16,
   lr 1e-4, lambda 0.1, 5 SSL epochs."""
   c = ml_collections.ConfigDict()
-  c.mode = 'pretrain'   # 'pretrain' | 'probe' | 'pretrain_probe' (both, in order)
+  c.mode = 'pretrain'   # 'pretrain' | 'probe' | 'pretrain_probe' (both, in order) | 'profile'
   c.method = 'lemumo'
   c.seed = 0
 
@@ -154,5 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
       'centernet_hidden': 256,
       'occupancy_hidden': 64,
       'num_figure_frames': 4,
+  })
+
+  # mode=profile (lemumo_jax/profiling.py): Table 6's compute profile of THE train step.
+  c.profile = ml_collections.ConfigDict({
+      'warmup_steps': 3,           # untimed steps after compilation
+      'timed_steps': 10,           # the step time is their median
+      'num_records': 0,            # train records per epoch for the schedule; 0: the dataset's
   })
   return c

@@ -6,6 +6,13 @@ key is an error. `config.mode` selects what runs:
   probe            frozen patch probes on <workdir>/encoder (or config.probe.encoder_dir; or a
                    frozen random encoder with config.probe.encoder=random) -> report.md
   pretrain_probe   both, in order (the synthetic default)
+  profile          the compute profile of the config's train step (paper Table 6: time, SSL
+                   FLOPs, peak memory) -> <workdir>/profile.json; trains nothing
+
+Multi-host (launch/): --distributed calls jax.distributed.initialize(), which finds the
+coordinator, process count and process id itself under Slurm, Open MPI and on Cloud TPU VMs;
+elsewhere pass --coordinator_address, --num_processes and --process_id (or the
+JAX_COORDINATOR_ADDRESS environment variable for the first).
 """
 
 from __future__ import annotations
@@ -29,7 +36,30 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host runs; the '
     'launch/ scripts set this).')
 
-MODES = ('pretrain', 'probe', 'pretrain_probe')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --distributed: host:port of process 0\'s coordinator '
+    'service. Default: auto-detected (Slurm, Open MPI, Cloud TPU) or $JAX_COORDINATOR_ADDRESS.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'With --distributed: the number of processes. Default: '
+    'auto-detected.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'With --distributed: this process\'s index in [0, num_processes). '
+    'Default: auto-detected.')
+
+MODES = ('pretrain', 'probe', 'pretrain_probe', 'profile')
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize() with the explicit flags (None: auto-detected by JAX).
+
+  Must run before anything touches a JAX backend. Collectives between CPU processes (the local
+  launch test) go through gloo.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_cpu_collectives_implementation in (None, '', 'none'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def default_workdir(config_path: str, method: str) -> str:
@@ -44,9 +74,12 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Orbax logs every checkpoint step at INFO; the progress line says what matters.
     logging.set_verbosity(logging.WARNING)
+  explicit = [f'--{f.name}' for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+              if f.value is not None]
+  if explicit and not _DISTRIBUTED.value:
+    raise app.UsageError(f'{", ".join(explicit)} only apply with --distributed')
   if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename,
                                               config.method)
   if config.mode not in MODES:
@@ -57,6 +90,9 @@ def main(argv):
   if config.mode in ('probe', 'pretrain_probe'):
     from lemumo_jax.training import probe  # pylint: disable=g-import-not-at-top
     probe.run(config, workdir)
+  if config.mode == 'profile':
+    from lemumo_jax import profiling  # pylint: disable=g-import-not-at-top
+    profiling.profile(config, workdir)
 
 
 if __name__ == '__main__':

@@ -94,6 +94,26 @@ def _dummy_views(view_cfg: augment.ViewConfig, batch: int, channels: int) -> dic
           'local_companion': jnp.zeros((view_cfg.num_local, batch, l, l, channels))}
 
 
+def make_init_state(model, tx: optax.GradientTransformation, view_cfg: augment.ViewConfig,
+                    companion_channels: int) -> Callable[[jax.Array], state_lib.TrainState]:
+  """key -> a fresh TrainState (params initialised on a 2-sample batch of zero views)."""
+
+  def init_state(key):
+    dummy = _dummy_views(view_cfg, 2, companion_channels)
+    return state_lib.create_train_state(model.init(key, dummy, train=False), tx)
+
+  return init_state
+
+
+def jit_train_step(train_step, mesh, state_sharding):
+  """The jitted step every caller runs (the loop, mode=profile, benchmarks/step.py): state
+  replicated and donated, batch sharded on 'data', key and metrics replicated."""
+  replicated = state_lib.replicated(mesh)
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding, state_lib.batch_sharding(mesh), replicated),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run of a different method or model into the same workdir."""
   path = os.path.join(workdir, 'config.json')
@@ -131,10 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = state_lib.make_optimizer(config.optim, total_steps)
   replicated = state_lib.replicated(mesh)
 
-  def init_state(key):
-    dummy = _dummy_views(view_cfg, 2, config.model.companion_channels)
-    return state_lib.create_train_state(model.init(key, dummy, train=False), tx)
-
+  init_state = make_init_state(model, tx, view_cfg, config.model.companion_channels)
   root_key = jax.random.PRNGKey(config.seed)
   init_key, step_key = jax.random.split(root_key)
   abstract_state = jax.eval_shape(init_state, init_key)
@@ -155,9 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{total_steps} steps of batch {config.train.batch_size} on {mesh.size} device(s)',
         flush=True)
 
-  step_fn = jax.jit(make_train_step(model, objective, tx, view_cfg, schedule),
-                    in_shardings=(state_sharding, state_lib.batch_sharding(mesh), replicated),
-                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+  step_fn = jit_train_step(make_train_step(model, objective, tx, view_cfg, schedule), mesh,
+                           state_sharding)
   loader = pipeline.pretrain_loader(config.data, config.train.batch_size, seed=config.seed,
                                     start_step=start_step, num_steps=total_steps)
   writer = progress.metric_writer(workdir)
