@@ -24,6 +24,20 @@ METHODS: dict[str, dict[str, object]] = {
     'lejepa_rgb': {'model.family': 'vit', 'model.inputs': 'rgb'},
     # LiDAR-only JEPA (Table 1, 3): the same ViT on the 1-channel companion map.
     'lidar_only': {'model.family': 'vit', 'model.inputs': 'companion'},
+    # FT-Pruned + VICReg (Table 2, 6): the Le MuMo encoder, VICReg in place of the LeJEPA loss.
+    'lemumo_vicreg': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
+                      'model.layer0_impl': 'structured', 'objective.name': 'vicreg'},
+    # FT-Pruned + SIGReg (3-pass) (Table 2, 6; eq. S3): SIGReg averaged over the joint, RGB-only
+    # (companion zeroed) and companion-only (RGB zeroed) passes; invariance on the joint pass.
+    'lemumo_3pass': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
+                     'model.layer0_impl': 'structured',
+                     'objective.passes': ('joint', 'rgb', 'companion')},
+    # Early Fusion RGBD (Table 2, 6; S1): one ViT over stacked RGB + companion channels.
+    'early_fusion': {'model.family': 'early_fusion'},
+    # Late Fusion (Table 2, 6; S1): an RGB ViT and a companion ViT of model.width each (two
+    # ViT-S/16), CLS and patches concatenated to 2 x width channels before the projector and
+    # the probes.
+    'late_fusion': {'model.family': 'late_fusion'},
 }
 
 
@@ -84,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   })
 
   c.model = ml_collections.ConfigDict({
-      'family': 'fusion',          # 'fusion' | 'vit'
+      'family': 'fusion',          # 'fusion' | 'vit' | 'early_fusion' | 'late_fusion'
       'inputs': 'rgb',             # 'vit' only: 'rgb' | 'companion'
       'fusion_mode': 'pruned',     # 'pruned' | 'persistent'
       'layer0_impl': 'structured', # 'structured' | 'masked' (tested equal)
@@ -105,11 +119,18 @@ def base_config() -> ml_collections.ConfigDict:
   })
 
   c.objective = ml_collections.ConfigDict({
-      'name': 'lejepa',
+      'name': 'lejepa',            # 'lejepa' | 'vicreg'
+      # encoder passes: 'joint' (+ 'rgb': companion zeroed, 'companion': RGB zeroed; S3)
+      'passes': ('joint',),
       'lam': 0.1,
       'num_slices': 256,
       'num_knots': 17,
       't_max': 3.0,
+      # VICReg (Bardes et al.) reference defaults: invariance, variance, covariance weights.
+      'vicreg_sim': 25.0,
+      'vicreg_std': 25.0,
+      'vicreg_cov': 1.0,
+      'vicreg_eps': 1e-4,
   })
 
   c.optim = ml_collections.ConfigDict({

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lemumo_jax.objectives import lejepa, sigreg
+from lemumo_jax.objectives import lejepa, sigreg, vicreg
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -127,3 +127,59 @@ def test_lejepa_loss_combines_terms():
       rtol=1e-6)
   grads = jax.grad(lambda a: lejepa.lejepa_loss(key, a, zl, num_slices=32)[0])(zg)
   assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def vicreg_numpy(z_global, z_local, sim=25.0, std=25.0, cov=1.0, eps=1e-4):
+  """VICReg written out with explicit loops, float64: z [V, N, d]; the centre invariance."""
+  z_global = np.asarray(z_global, np.float64)
+  views = z_global if z_local is None else np.concatenate(
+      [z_global, np.asarray(z_local, np.float64)])
+  num_views, n, d = views.shape
+  centre = z_global.mean(axis=0)
+  inv = sum(((views[v] - centre) ** 2).sum() for v in range(num_views)) / (num_views * n * d)
+  var_terms, cov_terms = [], []
+  for v in range(num_views):
+    x = views[v] - views[v].mean(axis=0)
+    c = np.zeros((d, d))
+    for i in range(d):
+      for j in range(d):
+        c[i, j] = sum(x[k, i] * x[k, j] for k in range(n)) / (n - 1)
+    var_terms.append(np.mean([max(0.0, 1.0 - np.sqrt(c[j, j] + eps)) for j in range(d)]))
+    cov_terms.append(sum(c[i, j] ** 2 for i in range(d) for j in range(d) if i != j) / d)
+  var_loss, cov_loss = np.mean(var_terms), np.mean(cov_terms)
+  return sim * inv + std * var_loss + cov * cov_loss, inv, var_loss, cov_loss
+
+
+@pytest.mark.parametrize('scale,with_local', [(1.0, True), (0.2, True), (2.0, False)])
+def test_vicreg_matches_float64_numpy(scale, with_local):
+  rng = np.random.default_rng(4)
+  base = rng.normal(size=(1, 24, 6))
+  mix = rng.normal(size=(6, 6)) * 0.5 + np.eye(6)  # correlated dimensions: covariance > 0
+  z_global = (base + 0.3 * rng.normal(size=(2, 24, 6))) @ mix * scale + 0.1
+  z_local = (base + 0.5 * rng.normal(size=(3, 24, 6))) @ mix * scale if with_local else None
+  loss, metrics = vicreg.vicreg_loss(
+      jnp.asarray(z_global, jnp.float32),
+      None if z_local is None else jnp.asarray(z_local, jnp.float32))
+  want, inv, var, cov = vicreg_numpy(z_global, z_local)
+  np.testing.assert_allclose(float(metrics['invariance']), inv, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['variance']), var, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(metrics['covariance']), cov, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert var > 0 or scale > 1.0
+
+
+def test_vicreg_two_views_is_a_quarter_of_pairwise_mse():
+  rng = np.random.default_rng(5)
+  z = rng.normal(size=(2, 16, 4))
+  got = float(vicreg.invariance_mse(jnp.asarray(z, jnp.float32), None))
+  np.testing.assert_allclose(got, np.mean((z[0] - z[1]) ** 2) / 4, rtol=1e-5)
+
+
+def test_vicreg_collapse_is_penalised_and_whitened_is_not():
+  rng = np.random.default_rng(6)
+  white = rng.normal(size=(2, 4096, 4)) * 2.0
+  _, metrics = vicreg.vicreg_loss(jnp.asarray(white, jnp.float32), None)
+  assert float(metrics['variance']) == 0.0 and float(metrics['covariance']) < 0.05
+  collapsed = np.zeros((2, 64, 4))
+  _, metrics = vicreg.vicreg_loss(jnp.asarray(collapsed, jnp.float32), None)
+  np.testing.assert_allclose(float(metrics['variance']), 1.0 - np.sqrt(1e-4), rtol=1e-6)

@@ -30,7 +30,9 @@ def test_paper_defaults_in_waymo_config():
 
 @pytest.mark.parametrize('row,family,mode', [
     ('lemumo', 'fusion', 'pruned'), ('ft_persistent', 'fusion', 'persistent'),
-    ('lejepa_rgb', 'vit', None), ('lidar_only', 'vit', None)])
+    ('lejepa_rgb', 'vit', None), ('lidar_only', 'vit', None),
+    ('lemumo_vicreg', 'fusion', 'pruned'), ('lemumo_3pass', 'fusion', 'pruned'),
+    ('early_fusion', 'early_fusion', None), ('late_fusion', 'late_fusion', None)])
 def test_method_rows(row, family, mode):
   for module in (synthetic, waymo):
     c = module.get_config(row)
@@ -83,7 +85,8 @@ def _with_width(config, width):
   return config
 
 
-@pytest.mark.parametrize('row', ['lejepa_rgb', 'lidar_only', 'ft_persistent', 'lemumo_masked'])
+@pytest.mark.parametrize('row', ['lejepa_rgb', 'lidar_only', 'ft_persistent', 'lemumo_masked',
+                                 'lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion'])
 def test_every_row_trains(tmp_path, row):
   summary = pretrain.train(tiny_config(row, num_steps=2), str(tmp_path))
   assert summary['final_step'] == 2

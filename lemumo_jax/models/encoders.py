@@ -9,6 +9,14 @@ Families:
            the LiDAR-only baseline.
   'fusion' the Le MuMo encoder (paper section 3.3): [CLS, F, C, M] with fusion tokens F, a
            layer-0 routing mask, then pruned (keep [CLS, F]) or persistent routing.
+  'early_fusion'  Early Fusion RGBD (Table 2, S1 "a single encoder over stacked RGB and aligned
+           depth channels"): one ViT whose patch embedding takes 3 + C_comp channels.
+  'late_fusion'   Late Fusion (Table 2, S1 "separate modality encoders whose features are
+           concatenated before probing"): an RGB ViT and a companion ViT of `model.width`
+           each; CLS and patch grid are the channel concatenations (2 x model.width).
+
+Features have `model.width` channels for every family but late_fusion (2 x model.width); the
+probe stage reads the channel count off the encoder's output.
 """
 
 from __future__ import annotations
@@ -59,6 +67,51 @@ class ViTEncoder(vit.ViT):
       raise ValueError(f'model.inputs must be one of {list(VIT_INPUTS)}, got {self.inputs!r}')
     cls, patches = self.encode(rgb if self.inputs == 'rgb' else companion)
     return Features(cls=cls, patches=patches)
+
+
+class EarlyFusionEncoder(vit.ViT):
+  """The 'early_fusion' family: one ViT over [rgb | companion] stacked on channels (timm layout;
+  patch_embed.proj takes 3 + companion_channels input channels)."""
+  companion_channels: int = 1
+
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+    del train  # no dropout / drop-path
+    _check_pair(rgb, companion, self.companion_channels)
+    cls, patches = self.encode(jnp.concatenate([rgb, companion.astype(rgb.dtype)], axis=-1))
+    return Features(cls=cls, patches=patches)
+
+
+class LateFusionEncoder(nn.Module):
+  """The 'late_fusion' family: 'rgb_encoder' and 'companion_encoder', two ViTs of `width` (two
+  ViT-S/16 at the paper config, hence Table 6's 2x Early Fusion FLOPs) that never exchange
+  tokens; cls [B, 2 width] and patches [B, h, w, 2 width] are [rgb | companion]
+  concatenations along channels (both grids are (H / p, W / p)), what the probes read."""
+  img_size: int | Sequence[int]
+  patch_size: int
+  width: int                         # of each branch; the features have 2 * width channels
+  depth: int
+  num_heads: int                     # per branch
+  mlp_ratio: float = 4.0
+  companion_channels: int = 1
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.width % self.num_heads:
+      raise ValueError(f'late_fusion: model.width={self.width} must be divisible by '
+                       f'model.num_heads={self.num_heads}')
+    branch = dict(img_size=self.img_size, patch_size=self.patch_size, width=self.width,
+                  depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                  dtype=self.dtype)
+    self.rgb_encoder = vit.ViT(**branch)
+    self.companion_encoder = vit.ViT(**branch)
+
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+    del train  # no dropout / drop-path
+    _check_pair(rgb, companion, self.companion_channels)
+    rgb_cls, rgb_patches = self.rgb_encoder.encode(rgb)
+    comp_cls, comp_patches = self.companion_encoder.encode(companion)
+    return Features(cls=jnp.concatenate([rgb_cls, comp_cls], axis=-1),
+                    patches=jnp.concatenate([rgb_patches, comp_patches], axis=-1))
 
 
 class FusionEncoder(nn.Module):
@@ -193,9 +246,21 @@ def _build_fusion(cfg: Mapping[str, Any]) -> nn.Module:
                        **_vit_kwargs(cfg))
 
 
+def _build_early_fusion(cfg: Mapping[str, Any]) -> nn.Module:
+  return EarlyFusionEncoder(companion_channels=int(cfg.get('companion_channels', 1)),
+                            **_vit_kwargs(cfg))
+
+
+def _build_late_fusion(cfg: Mapping[str, Any]) -> nn.Module:
+  return LateFusionEncoder(companion_channels=int(cfg.get('companion_channels', 1)),
+                           **_vit_kwargs(cfg))
+
+
 _FAMILIES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
     'vit': _build_vit,
     'fusion': _build_fusion,
+    'early_fusion': _build_early_fusion,
+    'late_fusion': _build_late_fusion,
 }
 
 

@@ -3,6 +3,12 @@
 `JepaModel` encodes the global and the local views with the ONE shared encoder (the two
 resolutions are separate calls; parameters are shared), projects every CLS embedding with one
 projector call (so BatchNorm sees all views), and returns the projected embeddings per view.
+
+`passes` adds forwards of the same views with one modality zeroed (the FT-Pruned + SIGReg
+(3-pass) row, paper S3): 'rgb' is the RGB-only pass (companion zeroed), 'companion' the
+companion-only pass (RGB zeroed). Inputs are normalised, so zero is the dataset mean. Each pass
+has its own projector call, so BatchNorm normalises the joint embeddings exactly as the
+one-pass model does.
 """
 
 from __future__ import annotations
@@ -17,6 +23,19 @@ from lemumo_jax.models import encoders
 from lemumo_jax.models import heads
 
 
+PASSES = ('joint', 'rgb', 'companion')
+
+
+def check_passes(passes) -> tuple[str, ...]:
+  """config.objective.passes -> tuple; 'joint' first, each of PASSES at most once."""
+  passes = tuple(passes)
+  if (not passes or passes[0] != 'joint' or len(set(passes)) != len(passes)
+      or not set(passes) <= set(PASSES)):
+    raise ValueError(f"config.objective.passes must start with 'joint' and name each of "
+                     f'{list(PASSES)} at most once, got {list(passes)}')
+  return passes
+
+
 def _fold_views(x: jax.Array) -> jax.Array:
   """[V, B, ...] -> [V * B, ...]."""
   return x.reshape((-1,) + x.shape[2:])
@@ -27,21 +46,38 @@ class JepaModel(nn.Module):
   [Vg, B, G, G, 1], and optionally 'local_rgb' / 'local_companion' [Vl, B, L, L, .]."""
   encoder_cfg: Any
   projector_cfg: Any
+  passes: tuple[str, ...] = ('joint',)
 
   def setup(self):
+    check_passes(self.passes)
     self.encoder = encoders.build_encoder(self.encoder_cfg)
     self.projector = heads.Projector(hidden_dim=self.projector_cfg.hidden_dim,
                                      num_hidden_layers=self.projector_cfg.num_hidden_layers,
                                      out_dim=self.projector_cfg.out_dim)
 
-  def __call__(self, views: dict[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, views: dict[str, jax.Array], *, train: bool) -> dict[str, Any]:
+    """-> {'z_global' [Vg, B, d], 'z_local' [Vl, B, d] or None} of the joint pass, plus
+    'passes': {name: {'z_global', 'z_local'}} for every other pass in `self.passes`."""
+    outputs = self._project_pass(views, 'joint', train)
+    others = {name: self._project_pass(views, name, train) for name in self.passes[1:]}
+    if others:
+      outputs['passes'] = others
+    return outputs
+
+  def _project_pass(self, views: dict[str, jax.Array], name: str,
+                    train: bool) -> dict[str, jax.Array | None]:
     num_global, batch = views['global_rgb'].shape[:2]
-    cls = [self.encoder(_fold_views(views['global_rgb']),
-                        _fold_views(views['global_companion']), train=train).cls]
     has_local = 'local_rgb' in views and views['local_rgb'].shape[0] > 0
-    if has_local:
-      cls.append(self.encoder(_fold_views(views['local_rgb']),
-                              _fold_views(views['local_companion']), train=train).cls)
+    scales = ['global'] + (['local'] if has_local else [])
+    cls = []
+    for scale in scales:
+      rgb = _fold_views(views[f'{scale}_rgb'])
+      companion = _fold_views(views[f'{scale}_companion'])
+      if name == 'rgb':
+        companion = jnp.zeros_like(companion)
+      elif name == 'companion':
+        rgb = jnp.zeros_like(rgb)
+      cls.append(self.encoder(rgb, companion, train=train).cls)
     z = self.projector(jnp.concatenate(cls, axis=0).astype(jnp.float32), train=train)
     z = z.reshape((-1, batch, z.shape[-1]))
     return {'z_global': z[:num_global], 'z_local': z[num_global:] if has_local else None}

@@ -6,9 +6,16 @@ L_inv (S1): the centre is the mean of the global-view embeddings of a sample, an
 global and local, is pulled to it: mean over views and samples of ||z - centre||^2 (a sum over
 the embedding dimension, as S1 writes it). SIGReg (S2) is computed per view over the global
 batch and averaged over views, as the LeJEPA reference does for its [V, N, d] embeddings.
+
+3-pass (paper eq. S3): with `extra_passes` (the RGB-only and companion-only passes' views),
+the SIGReg term is the mean of SIGReg over the joint pass and each extra pass, all with the
+step's one set of directions; the invariance term stays on the joint pass ("averages SIGReg
+over three forwards", section 3.4; "The joint pass is reused from the main objective", S3).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +30,36 @@ def invariance_loss(z_global: jax.Array, z_local: jax.Array | None) -> jax.Array
   return jnp.mean(jnp.sum(jnp.square(views - centre), axis=-1))
 
 
+def _all_views(z_global: jax.Array, z_local: jax.Array | None) -> jax.Array:
+  z_global = z_global.astype(jnp.float32)
+  return z_global if z_local is None else jnp.concatenate(
+      [z_global, z_local.astype(jnp.float32)], axis=0)
+
+
 def lejepa_loss(key: jax.Array, z_global: jax.Array, z_local: jax.Array | None, *,
                 lam: float = 0.1, num_slices: int = 256, num_knots: int = 17,
-                t_max: float = 3.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Returns (loss, metrics) for projected views z_global [Vg, B, d], z_local [Vl, B, d]."""
+                t_max: float = 3.0,
+                extra_passes: Mapping[str, Mapping[str, jax.Array | None]] | None = None,
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Returns (loss, metrics) for projected views z_global [Vg, B, d], z_local [Vl, B, d].
+
+  extra_passes: {name: {'z_global', 'z_local'}} of the single-modality passes (S3), or None.
+  """
   z_global = z_global.astype(jnp.float32)
-  views = z_global if z_local is None else jnp.concatenate(
-      [z_global, z_local.astype(jnp.float32)], axis=0)
-  sigreg = sigreg_lib.sigreg_loss(key, views, num_slices, num_knots, t_max)
+  views = _all_views(z_global, z_local)
+  extra_passes = extra_passes or {}
+  directions = sigreg_lib.random_directions(key, views.shape[-1], num_slices)
+  sigreg = jnp.mean(sigreg_lib.sigreg(views, directions, num_knots, t_max))
+  metrics = {}
+  if extra_passes:
+    per_pass = {'joint': sigreg}
+    for name, z in extra_passes.items():
+      per_pass[name] = jnp.mean(sigreg_lib.sigreg(_all_views(z['z_global'], z['z_local']),
+                                                  directions, num_knots, t_max))
+    metrics.update({f'sigreg_{name}': value for name, value in per_pass.items()})
+    sigreg = sum(per_pass.values()) / len(per_pass)
   invariance = invariance_loss(z_global, None if z_local is None else z_local.astype(jnp.float32))
   loss = lam * sigreg + (1.0 - lam) * invariance
-  metrics = {'loss': loss, 'sigreg': sigreg, 'invariance': invariance,
-             'embedding_std': jnp.mean(jnp.std(views, axis=1))}
+  metrics.update({'loss': loss, 'sigreg': sigreg, 'invariance': invariance,
+                  'embedding_std': jnp.mean(jnp.std(views, axis=1))})
   return loss, metrics

@@ -25,7 +25,7 @@ from absl import logging
 
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.models import ssl
-from lemumo_jax.objectives import lejepa
+from lemumo_jax.objectives import lejepa, vicreg
 from lemumo_jax.training import progress
 from lemumo_jax.training import state as state_lib
 
@@ -36,19 +36,34 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the run stops before writing another checkpoint."""
 
 
+OBJECTIVES = ('lejepa', 'vicreg')
+
+
 def build_model(config: ml_collections.ConfigDict):
-  return ssl.JepaModel(encoder_cfg=config.model, projector_cfg=config.projector)
+  return ssl.JepaModel(encoder_cfg=config.model, projector_cfg=config.projector,
+                       passes=ssl.check_passes(config.objective.passes))
 
 
 def build_objective(config: ml_collections.ConfigDict) -> Objective:
   cfg = config.objective
+  passes = ssl.check_passes(cfg.passes)
   if cfg.name == 'lejepa':
     def objective(key, outputs):
       return lejepa.lejepa_loss(key, outputs['z_global'], outputs['z_local'], lam=cfg.lam,
                                 num_slices=cfg.num_slices, num_knots=cfg.num_knots,
-                                t_max=cfg.t_max)
+                                t_max=cfg.t_max, extra_passes=outputs.get('passes'))
     return objective
-  raise ValueError(f"config.objective.name must be one of ['lejepa'], got {cfg.name!r}")
+  if cfg.name == 'vicreg':
+    if passes != ('joint',):
+      raise ValueError(f"config.objective.passes={list(passes)}: the single-modality passes "
+                       f"are a SIGReg ablation (S3); use ('joint',) with objective.name='vicreg'")
+    def objective(key, outputs):
+      del key  # deterministic
+      return vicreg.vicreg_loss(outputs['z_global'], outputs['z_local'],
+                                sim_coeff=cfg.vicreg_sim, std_coeff=cfg.vicreg_std,
+                                cov_coeff=cfg.vicreg_cov, eps=cfg.vicreg_eps)
+    return objective
+  raise ValueError(f'config.objective.name must be one of {list(OBJECTIVES)}, got {cfg.name!r}')
 
 
 def total_train_steps(config: ml_collections.ConfigDict, num_records: int) -> int:

@@ -380,7 +380,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      f'{mesh.size} devices of the mesh')
   replicated = state_lib.replicated(mesh)
   encoder_params = jax.device_put(encoder_params, replicated)
-  width = int(model_cfg['width'])
+  # Feature channels as the encoder emits them (late fusion concatenates two branches).
+  width = jax.eval_shape(
+      lambda p: encoder.apply({'params': p}, jnp.zeros((1, *image_hw, 3)),
+                              jnp.zeros((1, *image_hw, int(model_cfg['companion_channels']))),
+                              train=False).patches, encoder_params).shape[-1]
 
   def init_state(key):
     dummy = jnp.zeros((1, *geometry.grid_hw, width))

@@ -1,0 +1,163 @@
+"""Table 2's baseline rows end to end: pretraining through THE loop, then the frozen probes.
+
+Rows: lemumo_vicreg (FT-Pruned + VICReg), lemumo_3pass (FT-Pruned + SIGReg 3-pass),
+early_fusion (Early Fusion RGBD), late_fusion (Late Fusion).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic
+from tests.conftest import tiny_config
+from lemumo_jax.models import encoders, ssl
+from lemumo_jax.training import pretrain, probe
+from lemumo_jax.training import state as state_lib
+
+NEW_ROWS = ('lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion')
+
+
+def test_rows_set_their_objective_and_family():
+  c = synthetic.get_config('lemumo_vicreg')
+  assert c.objective.name == 'vicreg' and c.model.fusion_mode == 'pruned'
+  assert (c.objective.vicreg_sim, c.objective.vicreg_std, c.objective.vicreg_cov) == (25, 25, 1)
+  c = synthetic.get_config('lemumo_3pass')
+  assert tuple(c.objective.passes) == ('joint', 'rgb', 'companion')
+  assert c.objective.name == 'lejepa' and c.model.family == 'fusion'
+  assert synthetic.get_config('lemumo').objective.passes == ('joint',)
+  assert synthetic.get_config('early_fusion').model.family == 'early_fusion'
+  assert synthetic.get_config('late_fusion').model.family == 'late_fusion'
+
+
+def _tiny_model_cfg(family):
+  c = tiny_config().model.copy_and_resolve_references()
+  c.family = family
+  return c
+
+
+def test_early_fusion_stacks_channels():
+  module = encoders.build_encoder(_tiny_model_cfg('early_fusion'))
+  rgb, comp = jnp.ones((2, 32, 32, 3)), jnp.ones((2, 32, 32, 1))
+  params = module.init(jax.random.PRNGKey(0), rgb, comp, train=False)['params']
+  assert params['patch_embed']['proj']['kernel'].shape == (8, 8, 4, 32)
+  features = module.apply({'params': params}, rgb, comp, train=False)
+  assert features.cls.shape == (2, 32) and features.patches.shape == (2, 4, 4, 32)
+
+
+def test_late_fusion_concatenates_independent_branches():
+  module = encoders.build_encoder(_tiny_model_cfg('late_fusion'))
+  rng = np.random.default_rng(0)
+  rgb = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  comp = jnp.asarray(rng.normal(size=(2, 32, 32, 1)), jnp.float32)
+  params = module.init(jax.random.PRNGKey(0), rgb, comp, train=False)['params']
+  assert set(params) == {'rgb_encoder', 'companion_encoder'}
+  assert params['rgb_encoder']['cls_token'].shape == (1, 1, 32)
+  features = module.apply({'params': params}, rgb, comp, train=False)
+  # Two full-width branches concatenated: 2 * model.width channels (the probes infer it).
+  assert features.cls.shape == (2, 64) and features.patches.shape == (2, 4, 4, 64)
+  # The first half is the RGB ViT alone: changing the companion leaves it unchanged.
+  other = module.apply({'params': params}, rgb, comp + 1.0, train=False)
+  np.testing.assert_array_equal(other.patches[..., :32], features.patches[..., :32])
+  np.testing.assert_array_equal(other.cls[..., :32], features.cls[..., :32])
+  assert not np.allclose(other.patches[..., 32:], features.patches[..., 32:])
+  bad = _tiny_model_cfg('late_fusion')
+  bad.width = 33
+  with pytest.raises(ValueError, match='late_fusion: model.width=33'):
+    encoders.build_encoder(bad).init(jax.random.PRNGKey(0), rgb, comp, train=False)
+
+
+def _three_pass_model_and_views():
+  config = tiny_config('lemumo_3pass')
+  model = pretrain.build_model(config)
+  rng = np.random.default_rng(1)
+  views = {'global_rgb': rng.normal(size=(2, 4, 32, 32, 3)),
+           'global_companion': rng.normal(size=(2, 4, 32, 32, 1)),
+           'local_rgb': rng.normal(size=(2, 4, 16, 16, 3)),
+           'local_companion': rng.normal(size=(2, 4, 16, 16, 1))}
+  views = {k: jnp.asarray(v, jnp.float32) for k, v in views.items()}
+  variables = model.init(jax.random.PRNGKey(0), views, train=False)
+  return config, model, variables, views
+
+
+def test_three_pass_zeroes_one_modality_per_pass():
+  _, model, variables, views = _three_pass_model_and_views()
+
+  def pass_sum(name, rgb_scale, companion_scale):
+    def f(scales):
+      scaled = dict(views, global_rgb=views['global_rgb'] * scales[0],
+                    local_rgb=views['local_rgb'] * scales[0],
+                    global_companion=views['global_companion'] * scales[1],
+                    local_companion=views['local_companion'] * scales[1])
+      out = model.apply(variables, scaled, train=False)
+      z = out if name == 'joint' else out['passes'][name]
+      return jnp.sum(z['z_global'] ** 2) + jnp.sum(z['z_local'] ** 2)
+    return jax.grad(f)(jnp.array([rgb_scale, companion_scale]))
+
+  # The companion-only pass does not depend on RGB, the RGB-only pass not on the companion.
+  grads = pass_sum('companion', 1.0, 1.0)
+  assert grads[0] == 0.0 and grads[1] != 0.0
+  grads = pass_sum('rgb', 1.0, 1.0)
+  assert grads[1] == 0.0 and grads[0] != 0.0
+  grads = pass_sum('joint', 1.0, 1.0)
+  assert grads[0] != 0.0 and grads[1] != 0.0
+  # Each zeroed pass is the joint pass on inputs with that modality zeroed.
+  out = model.apply(variables, views, train=False)
+  zeroed = dict(views, global_rgb=jnp.zeros_like(views['global_rgb']),
+                local_rgb=jnp.zeros_like(views['local_rgb']))
+  np.testing.assert_allclose(out['passes']['companion']['z_global'],
+                             model.apply(variables, zeroed, train=False)['z_global'], atol=1e-6)
+
+
+def test_three_pass_objective_averages_sigreg_and_keeps_joint_pass():
+  config, model, variables, views = _three_pass_model_and_views()
+  out = model.apply(variables, views, train=False)
+  key = jax.random.PRNGKey(3)
+  loss, metrics = pretrain.build_objective(config)(key, out)
+  np.testing.assert_allclose(
+      metrics['sigreg'],
+      (metrics['sigreg_joint'] + metrics['sigreg_rgb'] + metrics['sigreg_companion']) / 3,
+      rtol=1e-6)
+  # The joint pass is the one-pass (lemumo) model's output with the same parameters, and its
+  # SIGReg and invariance terms are the lemumo objective's.
+  one_pass_config = tiny_config('lemumo')
+  one_pass = pretrain.build_model(one_pass_config).apply(variables, views, train=False)
+  np.testing.assert_array_equal(one_pass['z_global'], out['z_global'])
+  assert 'passes' not in one_pass
+  _, one_metrics = pretrain.build_objective(one_pass_config)(key, one_pass)
+  np.testing.assert_allclose(one_metrics['sigreg'], metrics['sigreg_joint'], rtol=1e-6)
+  np.testing.assert_allclose(one_metrics['invariance'], metrics['invariance'], rtol=1e-6)
+  np.testing.assert_allclose(loss, 0.1 * metrics['sigreg'] + 0.9 * metrics['invariance'],
+                             rtol=1e-6)
+
+
+def test_bad_passes_and_vicreg_three_pass_are_errors():
+  config = tiny_config('lemumo_3pass')
+  config.objective.passes = ('rgb', 'joint')
+  with pytest.raises(ValueError, match="must start with 'joint'"):
+    pretrain.build_objective(config)
+  config = tiny_config('lemumo_vicreg')
+  config.objective.passes = ('joint', 'rgb')
+  with pytest.raises(ValueError, match='SIGReg ablation'):
+    pretrain.build_objective(config)
+
+
+@pytest.mark.parametrize('row', NEW_ROWS)
+def test_row_pretrains_then_probes(tmp_path, row):
+  config = tiny_config(row, num_steps=2)
+  summary = pretrain.train(config, str(tmp_path))
+  assert summary['final_step'] == 2
+  assert all(np.isfinite(loss) for _, loss in summary['history'])
+  _, _, model_cfg = state_lib.load_encoder(str(tmp_path / 'encoder'))
+  assert model_cfg.family == config.model.family
+  config.probe.update(num_steps=2, val_every=2, checkpoint_every=2)
+  result = probe.run(config, str(tmp_path))
+  report_path = tmp_path / 'probe' / 'report.json'
+  assert report_path.exists()
+  with open(report_path) as f:
+    reported = json.load(f)
+  depth_mae = reported['metrics']['depth_MAE']
+  assert depth_mae is not None and np.isfinite(depth_mae), reported['metrics']
+  np.testing.assert_allclose(depth_mae, result['metrics']['depth_MAE'], rtol=1e-6)
