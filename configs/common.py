@@ -38,6 +38,12 @@ METHODS: dict[str, dict[str, object]] = {
     # ViT-S/16), CLS and patches concatenated to 2 x width channels before the projector and
     # the probes.
     'late_fusion': {'model.family': 'late_fusion'},
+    # ImageBind-style baseline (Table 3, 6; S1): an RGB ViT and a companion ViT of model.width
+    # each (the 'dual' family, late_fusion's branches), trained by symmetric InfoNCE at
+    # temperature 0.07 between their projected CLS embeddings of the same global view; local
+    # crops disabled (S1). The probes read the camera-aligned RGB patch grid only (S3).
+    'imagebind': {'model.family': 'dual', 'objective.name': 'infonce',
+                  'objective.infonce_temperature': 0.07, 'views.num_local': 0},
 }
 
 
@@ -98,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   })
 
   c.model = ml_collections.ConfigDict({
-      'family': 'fusion',          # 'fusion' | 'vit' | 'early_fusion' | 'late_fusion'
+      # 'fusion' | 'vit' | 'early_fusion' | 'late_fusion' | 'dual'
+      'family': 'fusion',
       'inputs': 'rgb',             # 'vit' only: 'rgb' | 'companion'
       'fusion_mode': 'pruned',     # 'pruned' | 'persistent'
       'layer0_impl': 'structured', # 'structured' | 'masked' (tested equal)
@@ -119,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   })
 
   c.objective = ml_collections.ConfigDict({
-      'name': 'lejepa',            # 'lejepa' | 'vicreg'
+      'name': 'lejepa',            # 'lejepa' | 'vicreg' | 'infonce' (family 'dual' only)
       # encoder passes: 'joint' (+ 'rgb': companion zeroed, 'companion': RGB zeroed; S3)
       'passes': ('joint',),
       'lam': 0.1,
@@ -131,6 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
       'vicreg_std': 25.0,
       'vicreg_cov': 1.0,
       'vicreg_eps': 1e-4,
+      # 'infonce_temperature' (0.07) exists only in the imagebind row, which sets it: a new key
+      # here would change config.objective of every row and refuse resuming existing workdirs.
   })
 
   c.optim = ml_collections.ConfigDict({

@@ -15,7 +15,9 @@ def tiny_config(method: str = 'lemumo', **train):
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   config = synthetic.get_config(method)
   config.data.update(num_train=32, num_val=16, image_size=(48, 64), num_threads=1, prefetch=1)
-  config.views.update(num_global=2, num_local=2, global_size=32, local_size=16)
+  # A row that disables local crops (imagebind: num_local=0) keeps them disabled.
+  config.views.update(num_global=2, num_local=min(2, config.views.num_local), global_size=32,
+                      local_size=16)
   config.model.update(img_size=32, patch_size=8, width=32, depth=2, num_heads=2)
   config.projector.update(hidden_dim=32, out_dim=8)
   config.objective.update(num_slices=16)

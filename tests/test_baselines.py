@@ -1,7 +1,8 @@
 """Table 2's baseline rows end to end: pretraining through THE loop, then the frozen probes.
 
 Rows: lemumo_vicreg (FT-Pruned + VICReg), lemumo_3pass (FT-Pruned + SIGReg 3-pass),
-early_fusion (Early Fusion RGBD), late_fusion (Late Fusion).
+early_fusion (Early Fusion RGBD), late_fusion (Late Fusion); Table 3's imagebind
+(ImageBind-style dual encoder, symmetric InfoNCE).
 """
 
 import json
@@ -14,10 +15,11 @@ import pytest
 from configs import synthetic
 from tests.conftest import tiny_config
 from lemumo_jax.models import encoders, ssl
+from lemumo_jax.objectives import infonce
 from lemumo_jax.training import pretrain, probe
 from lemumo_jax.training import state as state_lib
 
-NEW_ROWS = ('lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion')
+NEW_ROWS = ('lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion', 'imagebind')
 
 
 def test_rows_set_their_objective_and_family():
@@ -30,6 +32,9 @@ def test_rows_set_their_objective_and_family():
   assert synthetic.get_config('lemumo').objective.passes == ('joint',)
   assert synthetic.get_config('early_fusion').model.family == 'early_fusion'
   assert synthetic.get_config('late_fusion').model.family == 'late_fusion'
+  c = synthetic.get_config('imagebind')
+  assert (c.model.family, c.objective.name, c.views.num_local) == ('dual', 'infonce', 0)
+  assert c.objective.infonce_temperature == 0.07 and c.views.num_global == 2
 
 
 def _tiny_model_cfg(family):
@@ -67,6 +72,107 @@ def test_late_fusion_concatenates_independent_branches():
   bad.width = 33
   with pytest.raises(ValueError, match='late_fusion: model.width=33'):
     encoders.build_encoder(bad).init(jax.random.PRNGKey(0), rgb, comp, train=False)
+
+
+def test_dual_patches_are_the_rgb_branch_alone():
+  module = encoders.build_encoder(_tiny_model_cfg('dual'))
+  rng = np.random.default_rng(0)
+  rgb = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  comp = jnp.asarray(rng.normal(size=(2, 32, 32, 1)), jnp.float32)
+  params = module.init(jax.random.PRNGKey(0), rgb, comp, train=False)['params']
+  assert set(params) == {'rgb_encoder', 'companion_encoder'}
+  features = module.apply({'params': params}, rgb, comp, train=False)
+  # Camera-aligned RGB readout of model.width channels (S3), plus the companion CLS.
+  assert features.patches.shape == (2, 4, 4, 32) and features.cls.shape == (2, 32)
+  assert features.companion_cls.shape == (2, 32)
+  # The RGB patch readout does not depend on the companion input (not even through a gradient);
+  # the companion CLS does.
+  other = module.apply({'params': params}, rgb, comp * 3.0 + 1.0, train=False)
+  np.testing.assert_array_equal(other.patches, features.patches)
+  np.testing.assert_array_equal(other.cls, features.cls)
+  assert not np.allclose(other.companion_cls, features.companion_cls)
+  grad = jax.grad(lambda c: jnp.sum(module.apply({'params': params}, rgb, c,
+                                                 train=False).patches ** 2))(comp)
+  assert not np.any(np.asarray(grad))
+  # It is late_fusion's RGB half with the same parameters.
+  late = encoders.build_encoder(_tiny_model_cfg('late_fusion'))
+  late_features = late.apply({'params': params}, rgb, comp, train=False)
+  np.testing.assert_array_equal(late_features.patches[..., :32], features.patches)
+  np.testing.assert_array_equal(late_features.cls[..., 32:], features.companion_cls)
+  assert encoders.Features(cls=features.cls, patches=features.patches).companion_cls is None
+
+
+def _infonce_reference(z_rgb, z_comp, temperature):
+  """float64 numpy: mean over views of (CE(rows) + CE(columns)) / 2 of the cosine logits."""
+  z_rgb, z_comp = np.asarray(z_rgb, np.float64), np.asarray(z_comp, np.float64)
+  losses = []
+  for a, b in zip(z_rgb, z_comp):
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    logits = a @ b.T / temperature
+    def cross_entropy(x):  # label of row i is i
+      shifted = x - x.max(axis=1, keepdims=True)
+      log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+      return -np.mean(np.diag(log_probs))
+    losses.append(0.5 * (cross_entropy(logits) + cross_entropy(logits.T)))
+  return np.mean(losses)
+
+
+def test_infonce_matches_float64_reference():
+  rng = np.random.default_rng(4)
+  z_rgb = rng.normal(size=(2, 8, 6)).astype(np.float32)
+  z_comp = (0.5 * z_rgb + rng.normal(size=(2, 8, 6))).astype(np.float32)
+  loss, metrics = infonce.infonce_loss(jnp.asarray(z_rgb), jnp.asarray(z_comp),
+                                       temperature=0.07)
+  np.testing.assert_allclose(loss, _infonce_reference(z_rgb, z_comp, 0.07), rtol=1e-5)
+  np.testing.assert_allclose(metrics['infonce'], loss)
+  # Symmetric: swapping the modalities gives the same loss; scale-invariant (L2-normalised).
+  swapped, _ = infonce.infonce_loss(jnp.asarray(z_comp), jnp.asarray(3.0 * z_rgb))
+  np.testing.assert_allclose(swapped, loss, rtol=1e-5)
+  # Perfectly aligned, well separated pairs: loss near 0 and every pair retrieved.
+  eye = np.tile(np.eye(8, dtype=np.float32)[None], (2, 1, 1))
+  aligned, aligned_metrics = infonce.infonce_loss(jnp.asarray(eye), jnp.asarray(eye))
+  # float32 lse - diagonal at logits ~14.3: absolute error ~ 14.3 * 2^-24.
+  np.testing.assert_allclose(aligned, _infonce_reference(eye, eye, 0.07), atol=2e-6)
+  assert aligned < 1e-4 and aligned_metrics['pair_accuracy'] == 1.0
+
+
+def test_imagebind_model_and_objective():
+  config = tiny_config('imagebind')
+  assert config.views.num_local == 0
+  model = pretrain.build_model(config)
+  rng = np.random.default_rng(2)
+  views = {'global_rgb': rng.normal(size=(2, 4, 32, 32, 3)),
+           'global_companion': rng.normal(size=(2, 4, 32, 32, 1)),
+           'local_rgb': np.zeros((0, 4, 16, 16, 3)), 'local_companion': np.zeros((0, 4, 16, 16, 1))}
+  views = {k: jnp.asarray(v, jnp.float32) for k, v in views.items()}
+  variables = model.init(jax.random.PRNGKey(0), views, train=False)
+  # One projector per modality.
+  assert {'encoder', 'projector', 'companion_projector'} == set(variables['params'])
+  out = model.apply(variables, views, train=False)
+  assert out['z_global'].shape == (2, 4, 8) and out['z_companion_global'].shape == (2, 4, 8)
+  assert out['z_local'] is None and out['z_companion_local'] is None
+  loss, metrics = pretrain.build_objective(config)(jax.random.PRNGKey(0), out)
+  np.testing.assert_allclose(
+      loss, _infonce_reference(out['z_global'], out['z_companion_global'], 0.07), rtol=1e-5)
+  assert np.isfinite(metrics['pair_accuracy'])
+  # Other families keep their parameter trees: no companion projector.
+  lemumo = pretrain.build_model(tiny_config('lemumo'))
+  assert 'companion_projector' not in lemumo.init(jax.random.PRNGKey(0), views,
+                                                  train=False)['params']
+  # The row's pieces go together.
+  bad = tiny_config('imagebind')
+  bad.views.num_local = 2
+  with pytest.raises(ValueError, match='disables local crops'):
+    pretrain.build_objective(bad)
+  bad = tiny_config('imagebind')
+  bad.objective.name = 'lejepa'
+  with pytest.raises(ValueError, match="'infonce' and family 'dual'"):
+    pretrain.build_objective(bad)
+  bad = tiny_config('late_fusion')
+  bad.objective.name = 'infonce'
+  with pytest.raises(ValueError, match="'infonce' and family 'dual'"):
+    pretrain.build_objective(bad)
 
 
 def _three_pass_model_and_views():

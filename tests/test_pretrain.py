@@ -32,7 +32,8 @@ def test_paper_defaults_in_waymo_config():
     ('lemumo', 'fusion', 'pruned'), ('ft_persistent', 'fusion', 'persistent'),
     ('lejepa_rgb', 'vit', None), ('lidar_only', 'vit', None),
     ('lemumo_vicreg', 'fusion', 'pruned'), ('lemumo_3pass', 'fusion', 'pruned'),
-    ('early_fusion', 'early_fusion', None), ('late_fusion', 'late_fusion', None)])
+    ('early_fusion', 'early_fusion', None), ('late_fusion', 'late_fusion', None),
+    ('imagebind', 'dual', None)])
 def test_method_rows(row, family, mode):
   for module in (synthetic, waymo):
     c = module.get_config(row)
@@ -86,7 +87,8 @@ def _with_width(config, width):
 
 
 @pytest.mark.parametrize('row', ['lejepa_rgb', 'lidar_only', 'ft_persistent', 'lemumo_masked',
-                                 'lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion'])
+                                 'lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion',
+                                 'imagebind'])
 def test_every_row_trains(tmp_path, row):
   summary = pretrain.train(tiny_config(row, num_steps=2), str(tmp_path))
   assert summary['final_step'] == 2

@@ -14,6 +14,12 @@ Families:
   'late_fusion'   Late Fusion (Table 2, S1 "separate modality encoders whose features are
            concatenated before probing"): an RGB ViT and a companion ViT of `model.width`
            each; CLS and patch grid are the channel concatenations (2 x model.width).
+  'dual'   ImageBind-style dual encoder (S1 "paired RGB-depth encoders trained with a symmetric
+           InfoNCE objective"): an RGB ViT and a companion ViT of `model.width` each, like
+           late_fusion's branches, but nothing is concatenated: cls and patches are the RGB
+           branch's (the camera-aligned RGB patch readout of S3 "Patch-readout protocol for
+           dual-stream baselines"), and the companion branch's CLS is `companion_cls`, which
+           only the pretraining objective reads.
 
 Features have `model.width` channels for every family but late_fusion (2 x model.width); the
 probe stage reads the channel count off the encoder's output.
@@ -35,9 +41,11 @@ from lemumo_jax.models import vit
 
 class Features(flax.struct.PyTreeNode):
   """Encoder outputs: cls [B, D] (final-normed CLS), patches [B, h, w, D] (final-normed patch
-  grid; the fusion tokens for 'fusion'), both float32."""
+  grid; the fusion tokens for 'fusion'), both float32. companion_cls [B, D]: only the 'dual'
+  family's, the companion branch's CLS for its contrastive objective (None otherwise)."""
   cls: jax.Array
   patches: jax.Array
+  companion_cls: jax.Array | None = None
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -94,10 +102,11 @@ class LateFusionEncoder(nn.Module):
   mlp_ratio: float = 4.0
   companion_channels: int = 1
   dtype: Any = jnp.float32
+  family_name = 'late_fusion'        # class attribute (not a field): the name in errors
 
   def setup(self):
     if self.width % self.num_heads:
-      raise ValueError(f'late_fusion: model.width={self.width} must be divisible by '
+      raise ValueError(f'{self.family_name}: model.width={self.width} must be divisible by '
                        f'model.num_heads={self.num_heads}')
     branch = dict(img_size=self.img_size, patch_size=self.patch_size, width=self.width,
                   depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
@@ -112,6 +121,21 @@ class LateFusionEncoder(nn.Module):
     comp_cls, comp_patches = self.companion_encoder.encode(companion)
     return Features(cls=jnp.concatenate([rgb_cls, comp_cls], axis=-1),
                     patches=jnp.concatenate([rgb_patches, comp_patches], axis=-1))
+
+
+class DualEncoder(LateFusionEncoder):
+  """The 'dual' family (ImageBind-style): the same two ViT branches as late_fusion
+  ('rgb_encoder', 'companion_encoder', `width` each, never exchanging tokens), read out per
+  modality: cls and patches [B, h, w, width] are the RGB branch's (the fixed camera-aligned
+  readout the probes see, S3), companion_cls [B, width] the companion branch's CLS."""
+  family_name = 'dual'
+
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+    del train  # no dropout / drop-path
+    _check_pair(rgb, companion, self.companion_channels)
+    rgb_cls, rgb_patches = self.rgb_encoder.encode(rgb)
+    comp_cls, _ = self.companion_encoder.encode(companion)
+    return Features(cls=rgb_cls, patches=rgb_patches, companion_cls=comp_cls)
 
 
 class FusionEncoder(nn.Module):
@@ -256,11 +280,17 @@ def _build_late_fusion(cfg: Mapping[str, Any]) -> nn.Module:
                            **_vit_kwargs(cfg))
 
 
+def _build_dual(cfg: Mapping[str, Any]) -> nn.Module:
+  return DualEncoder(companion_channels=int(cfg.get('companion_channels', 1)),
+                     **_vit_kwargs(cfg))
+
+
 _FAMILIES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
     'vit': _build_vit,
     'fusion': _build_fusion,
     'early_fusion': _build_early_fusion,
     'late_fusion': _build_late_fusion,
+    'dual': _build_dual,
 }
 
 

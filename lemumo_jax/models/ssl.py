@@ -9,6 +9,12 @@ projector call (so BatchNorm sees all views), and returns the projected embeddin
 companion-only pass (RGB zeroed). Inputs are normalised, so zero is the dataset mean. Each pass
 has its own projector call, so BatchNorm normalises the joint embeddings exactly as the
 one-pass model does.
+
+An encoder whose Features carry `companion_cls` (the 'dual' family, the ImageBind-style row)
+also gets the companion CLS embeddings projected, by a second projector of the same shape
+('companion_projector', so each modality has its own head and BatchNorm statistics, as
+ImageBind's modality-specific heads), returned as 'z_companion_global' / 'z_companion_local'.
+Other families never call that projector, so it holds no parameters for them.
 """
 
 from __future__ import annotations
@@ -51,13 +57,18 @@ class JepaModel(nn.Module):
   def setup(self):
     check_passes(self.passes)
     self.encoder = encoders.build_encoder(self.encoder_cfg)
-    self.projector = heads.Projector(hidden_dim=self.projector_cfg.hidden_dim,
-                                     num_hidden_layers=self.projector_cfg.num_hidden_layers,
-                                     out_dim=self.projector_cfg.out_dim)
+    projector = dict(hidden_dim=self.projector_cfg.hidden_dim,
+                     num_hidden_layers=self.projector_cfg.num_hidden_layers,
+                     out_dim=self.projector_cfg.out_dim)
+    self.projector = heads.Projector(**projector)
+    # Only the 'dual' family calls it (setup submodules create parameters when first called).
+    self.companion_projector = heads.Projector(**projector)
 
   def __call__(self, views: dict[str, jax.Array], *, train: bool) -> dict[str, Any]:
     """-> {'z_global' [Vg, B, d], 'z_local' [Vl, B, d] or None} of the joint pass, plus
-    'passes': {name: {'z_global', 'z_local'}} for every other pass in `self.passes`."""
+    'passes': {name: {'z_global', 'z_local'}} for every other pass in `self.passes`. With a
+    'dual' encoder each of these also has 'z_companion_global' / 'z_companion_local' (the
+    companion branch's projected CLS); 'z_global' / 'z_local' are then the RGB branch's."""
     outputs = self._project_pass(views, 'joint', train)
     others = {name: self._project_pass(views, name, train) for name in self.passes[1:]}
     if others:
@@ -69,7 +80,7 @@ class JepaModel(nn.Module):
     num_global, batch = views['global_rgb'].shape[:2]
     has_local = 'local_rgb' in views and views['local_rgb'].shape[0] > 0
     scales = ['global'] + (['local'] if has_local else [])
-    cls = []
+    cls, companion_cls = [], []
     for scale in scales:
       rgb = _fold_views(views[f'{scale}_rgb'])
       companion = _fold_views(views[f'{scale}_companion'])
@@ -77,10 +88,21 @@ class JepaModel(nn.Module):
         companion = jnp.zeros_like(companion)
       elif name == 'companion':
         rgb = jnp.zeros_like(rgb)
-      cls.append(self.encoder(rgb, companion, train=train).cls)
-    z = self.projector(jnp.concatenate(cls, axis=0).astype(jnp.float32), train=train)
-    z = z.reshape((-1, batch, z.shape[-1]))
-    return {'z_global': z[:num_global], 'z_local': z[num_global:] if has_local else None}
+      features = self.encoder(rgb, companion, train=train)
+      cls.append(features.cls)
+      if features.companion_cls is not None:
+        companion_cls.append(features.companion_cls)
+
+    def project(projector, embeddings, prefix):
+      z = projector(jnp.concatenate(embeddings, axis=0).astype(jnp.float32), train=train)
+      z = z.reshape((-1, batch, z.shape[-1]))
+      return {f'{prefix}global': z[:num_global],
+              f'{prefix}local': z[num_global:] if has_local else None}
+
+    outputs = project(self.projector, cls, 'z_')
+    if companion_cls:
+      outputs.update(project(self.companion_projector, companion_cls, 'z_companion_'))
+    return outputs
 
   def encode(self, rgb: jax.Array, companion: jax.Array) -> encoders.Features:
     """Frozen-encoder features of clean views (probes)."""

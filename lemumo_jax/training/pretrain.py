@@ -25,7 +25,7 @@ from absl import logging
 
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.models import ssl
-from lemumo_jax.objectives import lejepa, vicreg
+from lemumo_jax.objectives import infonce, lejepa, vicreg
 from lemumo_jax.training import progress
 from lemumo_jax.training import state as state_lib
 
@@ -36,7 +36,7 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the run stops before writing another checkpoint."""
 
 
-OBJECTIVES = ('lejepa', 'vicreg')
+OBJECTIVES = ('lejepa', 'vicreg', 'infonce')
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -47,6 +47,12 @@ def build_model(config: ml_collections.ConfigDict):
 def build_objective(config: ml_collections.ConfigDict) -> Objective:
   cfg = config.objective
   passes = ssl.check_passes(cfg.passes)
+  # The 'dual' encoder's two branches are trained only by the contrastive pairing of their CLS
+  # embeddings, and InfoNCE needs the companion embeddings only that encoder returns.
+  if (config.model.family == 'dual') != (cfg.name == 'infonce'):
+    raise ValueError(f"config.objective.name={cfg.name!r} with config.model.family="
+                     f"{config.model.family!r}: objective 'infonce' and family 'dual' (the "
+                     f"ImageBind-style row) go together")
   if cfg.name == 'lejepa':
     def objective(key, outputs):
       return lejepa.lejepa_loss(key, outputs['z_global'], outputs['z_local'], lam=cfg.lam,
@@ -62,6 +68,19 @@ def build_objective(config: ml_collections.ConfigDict) -> Objective:
       return vicreg.vicreg_loss(outputs['z_global'], outputs['z_local'],
                                 sim_coeff=cfg.vicreg_sim, std_coeff=cfg.vicreg_std,
                                 cov_coeff=cfg.vicreg_cov, eps=cfg.vicreg_eps)
+    return objective
+  if cfg.name == 'infonce':
+    if passes != ('joint',):
+      raise ValueError(f"config.objective.passes={list(passes)}: the single-modality passes "
+                       f"are a SIGReg ablation (S3); use ('joint',) with objective.name='infonce'")
+    if config.views.num_local:
+      raise ValueError(f'config.views.num_local={config.views.num_local}: the ImageBind-style '
+                       f'InfoNCE row disables local crops (S1); set config.views.num_local=0')
+    temperature = float(cfg.get('infonce_temperature', 0.07))  # set by the imagebind row
+    def objective(key, outputs):
+      del key  # deterministic
+      return infonce.infonce_loss(outputs['z_global'], outputs['z_companion_global'],
+                                  temperature=temperature)
     return objective
   raise ValueError(f'config.objective.name must be one of {list(OBJECTIVES)}, got {cfg.name!r}')
 
