@@ -97,12 +97,15 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
 
   def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
     key = jax.random.fold_in(base_key, state.step)
-    view_key, loss_key = jax.random.split(key)
+    view_key, loss_key, mask_key = jax.random.split(key, 3)
     views = augment.make_views(view_key, batch['rgb'], batch['companion'], view_cfg)
 
     def loss_fn(params):
+      # 'mask': the stream of models that sample token masks in training (a model that never
+      # calls make_rng('mask') ignores it).
       outputs, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                     views, train=True, mutable=['batch_stats'])
+                                     views, train=True, mutable=['batch_stats'],
+                                     rngs={'mask': mask_key})
       loss, metrics = objective(loss_key, outputs)
       return loss, (metrics, updates['batch_stats'])
 
