@@ -1,21 +1,30 @@
-"""Pretrains and probes a list of paper rows (and seeds), then writes the comparison table in the
-paper's layout (Tables 1-3: mAP XY, Depth MAE, mAP XZ, Seg. mIoU; Table 5 for 2D data) with
-Table 6's compute columns beside it.
+"""Runs a list of paper rows (and seeds) through lemumo_jax.main, then writes the comparison
+table in the paper's layout (Tables 1-4: mAP XY, Depth MAE, mAP XZ, Seg. mIoU; Table 5: mAP50,
+Car mAP50) with Table 6's compute columns beside it.
 
-  # Table 2/3-style comparison on the embedded synthetic data, 3 seeds
-  python -m benchmarks.paper_tables --rows=lejepa_rgb,lidar_only,early_fusion,late_fusion,lemumo \
-      --seeds=0,1,2 --out_dir=runs/paper_tables
-  # Table 1: a row followed by ':frozen' is its encoder-frozen control (random init, probes only)
-  python -m benchmarks.paper_tables --rows=lejepa_rgb,lejepa_rgb:frozen,lidar_only,lidar_only:frozen
+  # a paper table's rows, in the paper's order and names (--table=1..6; TABLES below)
+  python -m benchmarks.paper_tables --table=2 --seeds=0,1,2 --out_dir=runs/table2
+  # any rows: '<row>:frozen' is the row's random-init encoder-frozen control (Table 1)
+  python -m benchmarks.paper_tables --rows=lejepa_rgb,lejepa_rgb:frozen,lidar_only,lemumo
   # the paper's Waymo setting; anything after -- goes to every run of lemumo_jax.main
-  python -m benchmarks.paper_tables --config=configs/waymo.py --out_dir=/runs/waymo_tables -- \
-      --config.data.data_dir=/data/waymo_shards
+  python -m benchmarks.paper_tables --table=3 --config=configs/waymo.py \
+      --out_dir=/runs/waymo_tables -- --config.data.data_dir=/data/waymo_shards
+  # Table 5 on FLIR: scratch rows, then Waymo -> FLIR transfer and fine-tuning of the encoders
+  # the Waymo runs above exported (/runs/waymo_tables/<row>_seed<seed>/encoder)
+  python -m benchmarks.paper_tables --table=5 --config=configs/flir.py \
+      --transfer_from=/runs/waymo_tables --out_dir=/runs/flir_tables -- \
+      --config.data.data_dir=/data/flir_shards
 
-Every (row, seed) is one `python -m lemumo_jax.main --config=<config>:<row>` process with
-mode=pretrain_probe (mode=probe with probe.encoder=random for ':frozen'), in
-<out_dir>/<row>_seed<seed>; a rerun skips runs whose report exists and resumes unfinished ones
-from their checkpoints. With --profile (default), each pretrained row also runs mode=profile
-for the compute columns:
+A row is '<row>[:<kind>]' with <row> a configs/common.py METHODS name. Every (row, seed) runs
+in <out_dir>/<row>[_<kind>]_seed<seed> as:
+  <row>            mode=pretrain_probe (SSL on the config's dataset, then the frozen probes)
+  <row>:frozen     mode=probe with probe.encoder=random
+  <row>:transfer   --config=<config>:<row>,transfer (frozen probes, V = 1, no local crops) on
+                   the encoder <transfer_from>/<row>_seed<seed>/encoder
+  <row>:finetune   --config=<config>:<row>,finetune (mode=finetune) from that encoder
+A rerun skips runs whose report exists and resumes unfinished ones from their checkpoints. With
+--profile (default), each pretrained row also runs mode=profile for the compute columns (Table
+6 runs only that: --table=6 trains nothing):
   Time (min)     Table 6's estimated encoder-training time (median step x schedule steps)
   SSL PFLOPs     XLA FLOPs of the train step x schedule steps
   Memory (GB)    the device's peak memory; on a CPU (no device peak) XLA's static estimate of
@@ -26,48 +35,149 @@ Metrics over seeds are reported as mean ± standard deviation (ddof 1). Writes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from absl import app, flags
 import numpy as np
 
+from configs import common
 from lemumo_jax.evaluation import report
 
 _CONFIG = flags.DEFINE_string('config', 'configs/synthetic.py', 'Dataset config file.')
+_TABLE = flags.DEFINE_integer('table', None, "The rows of the paper's Table 1..6, in its order "
+                              '(instead of --rows).', lower_bound=1, upper_bound=6)
 _ROWS = flags.DEFINE_list('rows', ['lejepa_rgb', 'lidar_only', 'early_fusion', 'late_fusion',
-                                   'lemumo'], "Paper rows (configs/common.py METHODS); "
-                          "'<row>:frozen' is the row's random-init encoder-frozen control.")
+                                   'lemumo'], "Paper rows (configs/common.py METHODS), each "
+                          "optionally ':frozen', ':transfer' or ':finetune'.")
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'config.seed values; metrics are averaged over them.')
 _OUT_DIR = flags.DEFINE_string('out_dir', 'runs/paper_tables', 'One workdir per run, + tables.')
 _PROFILE = flags.DEFINE_bool('profile', True, 'Also run mode=profile for the compute columns.')
+_TRANSFER_FROM = flags.DEFINE_string(
+    'transfer_from', None, "For ':transfer' / ':finetune' rows: the --out_dir of the runs that "
+    'pretrained the encoders (it holds <row>_seed<seed>/encoder), e.g. a Waymo run of --table=3.')
 
-FROZEN = ':frozen'
+FROZEN, TRANSFER, FINETUNE = ':frozen', ':transfer', ':finetune'
+KINDS = ('', FROZEN, TRANSFER, FINETUNE)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The paper's method names (its tables print JEPA as 'JEPa'; citations left out).
+DISPLAY_NAMES = {
+    'lejepa_rgb': 'LeJEPA', 'dinov3': 'DINOv3', 'lidar_only': 'LiDAR-only',
+    'multimae_ss': 'MultiMAE-SS', 'multimae_mt': 'MultiMAE-MT', 'imagebind': 'ImageBind',
+    'early_fusion': 'Early Fusion RGBD', 'late_fusion': 'Late Fusion',
+    'lemumo_vicreg': 'FT-Pruned + VICReg', 'ft_persistent': 'FT-Persistent + SIGReg',
+    'lemumo_3pass': 'FT-Pruned + SIGReg (3-pass)', 'lemumo': 'Le MuMo JEPA',
+}
+# Table 5's 'Setting' column.
+SETTINGS = {'': 'Scratch', TRANSFER: 'Waymo → FLIR', FINETUNE: 'Fine-tune'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A paper table: its rows in the paper's order and the dataset config it was run on."""
+  title: str
+  rows: tuple[str, ...]
+  config: str
+  compute_only: bool = False   # Table 6: mode=profile only, no training
+
+
+_T5_ROWS = ('multimae_ss', 'imagebind', 'lemumo',  # scratch (FLIR has no seg: no MultiMAE-MT)
+            *(f'{row}{kind}' for kind in (TRANSFER, FINETUNE)
+              for row in ('multimae_ss', 'multimae_mt', 'imagebind', 'lemumo')))
+TABLES = {
+    1: Preset('Table 1: single-modality encoders vs. encoder-frozen controls',
+              ('lejepa_rgb', 'lejepa_rgb:frozen', 'lidar_only', 'lidar_only:frozen'),
+              'configs/waymo.py'),
+    2: Preset('Table 2: fusion variants',
+              ('early_fusion', 'late_fusion', 'lemumo_vicreg', 'ft_persistent', 'lemumo_3pass',
+               'lemumo'), 'configs/waymo.py'),
+    3: Preset('Table 3: patch probes, all encoders from scratch',
+              ('lejepa_rgb', 'dinov3', 'lidar_only', 'multimae_ss', 'multimae_mt', 'imagebind',
+               'lemumo'), 'configs/waymo.py'),
+    4: Preset('Table 4: nuScenes', ('multimae_ss', 'multimae_mt', 'imagebind', 'lemumo'),
+              'configs/nuscenes.py'),
+    5: Preset('Table 5: FLIR across training regimes', _T5_ROWS, 'configs/flir.py'),
+    6: Preset('Table 6: encoder-side compute profile',
+              ('multimae_ss', 'early_fusion', 'lejepa_rgb', 'imagebind', 'late_fusion', 'dinov3',
+               'lemumo', 'lemumo_vicreg', 'multimae_mt', 'lemumo_3pass', 'ft_persistent'),
+              'configs/waymo.py', compute_only=True),
+}
+
+
+def split_row(row: str) -> tuple[str, str]:
+  """'<row>[:<kind>]' -> (row, kind) with kind one of KINDS; an unknown kind is a ValueError."""
+  base, sep, kind = row.partition(':')
+  kind = sep + kind
+  if kind not in KINDS:
+    raise ValueError(f'row {row!r}: the part after the row name must be one of '
+                     f'{[k for k in KINDS if k]}')
+  return base, kind
+
+
+def select_rows(rows: Sequence[str], from_preset: bool,
+                known: Collection[str] | None = None) -> list[str]:
+  """The rows to run. A preset's rows that this checkout does not define are skipped with a
+  message; an unknown row asked for by name is a ValueError."""
+  known = common.METHODS if known is None else known
+  selected = []
+  for row in rows:
+    base, _ = split_row(row)
+    if base in known:
+      selected.append(row)
+    elif from_preset:
+      print(f'skipping {row}: no row {base!r} in configs/common.py METHODS', flush=True)
+    else:
+      raise ValueError(f'unknown row {base!r} (in --rows); choose from {sorted(known)}')
+  return selected
+
+
+def display_name(row: str) -> str | None:
+  base, kind = split_row(row)
+  name = DISPLAY_NAMES.get(base)
+  return f'{name} encoder frozen' if name and kind == FROZEN else name
 
 
 def run_dir(out_dir: str, row: str, seed: str) -> str:
-  name = row.replace(FROZEN, '_frozen')
-  return os.path.join(out_dir, f'{name}_seed{seed}')
+  return os.path.join(out_dir, f'{row.replace(":", "_")}_seed{seed}')
 
 
 def report_path(workdir: str, row: str) -> str:
-  return os.path.join(workdir, 'probe_random' if row.endswith(FROZEN) else 'probe', 'report.json')
+  stage = {'': 'probe', FROZEN: 'probe_random', TRANSFER: 'probe', FINETUNE: 'finetune'}
+  return os.path.join(workdir, stage[split_row(row)[1]], 'report.json')
+
+
+def transfer_encoder(transfer_from: str, row: str, seed: str) -> str:
+  """The exported encoder a ':transfer' / ':finetune' row starts from."""
+  return os.path.join(run_dir(os.path.abspath(transfer_from), split_row(row)[0], seed),
+                      'encoder')
 
 
 def commands(config: str, row: str, seed: str, workdir: str, extra: Sequence[str],
-             profile: bool) -> list[list[str]]:
+             profile: bool, transfer_from: str | None = None,
+             compute_only: bool = False) -> list[list[str]]:
   """The lemumo_jax.main invocations of one (row, seed)."""
-  base_row = row[:-len(FROZEN)] if row.endswith(FROZEN) else row
-  main = [sys.executable, '-m', 'lemumo_jax.main', f'--config={config}:{base_row}',
+  base, kind = split_row(row)
+  regime = {TRANSFER: ',transfer', FINETUNE: ',finetune'}.get(kind, '')
+  main = [sys.executable, '-m', 'lemumo_jax.main', f'--config={config}:{base}{regime}',
           f'--workdir={workdir}', f'--config.seed={seed}', *extra]
-  if row.endswith(FROZEN):
+  if compute_only:
+    return [main + ['--config.mode=profile']]
+  if kind == FROZEN:
     return [main + ['--config.mode=probe', '--config.probe.encoder=random']]
+  if kind in (TRANSFER, FINETUNE):
+    if not transfer_from:
+      raise ValueError(f'row {row} needs --transfer_from')
+    encoder = transfer_encoder(transfer_from, row, seed)
+    if kind == TRANSFER:
+      return [main + ['--config.mode=probe', f'--config.probe.encoder_dir={encoder}']]
+    return [main + ['--config.mode=finetune', f'--config.finetune.encoder_dir={encoder}']]
   runs = [main + ['--config.mode=pretrain_probe']]
   if profile:
     runs.append(main + ['--config.mode=profile'])
@@ -87,19 +197,25 @@ def _cell(mean: float, std: float, digits: int, seeds: int) -> str:
   return f'{mean:.{digits}f}' + (f' ± {std:.{digits}f}' if seeds > 1 else '')
 
 
-def aggregate(out_dir: str, rows: Sequence[str], seeds: Sequence[str]) -> dict[str, Any]:
-  """Per row: method, training data, per-column mean/std over seeds, compute columns."""
+def aggregate(out_dir: str, rows: Sequence[str], seeds: Sequence[str],
+              compute_only: bool = False) -> dict[str, Any]:
+  """Per row: paper name, setting, method, training data, per-column mean/std over seeds,
+  compute columns (compute_only: those alone)."""
   table = []
   for row in rows:
+    kind = split_row(row)[1]
     reports, profiles = [], []
     for seed in seeds:
       workdir = run_dir(out_dir, row, seed)
-      reports.append(report.read_report(report_path(workdir, row)))
+      if not compute_only:
+        reports.append(report.read_report(report_path(workdir, row)))
       profile_path = os.path.join(workdir, 'profile.json')
-      if not row.endswith(FROZEN) and os.path.exists(profile_path):
+      if kind == '' and os.path.exists(profile_path):
         with open(profile_path) as f:
           profiles.append(json.load(f))
-    entry = {'row': row, 'method': reports[0].method, 'training_data': reports[0].training_data,
+    method = reports[0].method if reports else split_row(row)[0]
+    entry = {'row': row, 'name': display_name(row) or method, 'setting': SETTINGS.get(kind, ''),
+             'method': method, 'training_data': reports[0].training_data if reports else '',
              'seeds': list(seeds), 'metrics': {}, 'compute': {}}
     for column in report.columns_for(reports):
       mean, std = _mean_std([r.metrics.get(column.key, float('nan')) * column.scale
@@ -118,14 +234,21 @@ def aggregate(out_dir: str, rows: Sequence[str], seeds: Sequence[str]) -> dict[s
 
 
 def markdown(result: dict[str, Any]) -> str:
+  """The table: [Setting (Table 5's regimes)], Method, [Training Data], metric columns (best
+  bold, second underlined), [compute columns]; then a note on seeds."""
   rows, seeds = result['rows'], len(result['seeds'])
   columns = [c for c in (*report.COLUMNS_3D, *report.COLUMNS_2D)
              if any(c.title in r['metrics'] for r in rows)]
   compute = any(r['compute'] for r in rows)
-  header = ['Method', 'Training Data', *(c.title for c in columns)]
+  setting = any(r.get('setting', '') not in ('', SETTINGS['']) for r in rows)
+  training_data = any(r['training_data'] for r in rows)
+  header = ['Setting'] * setting + ['Method'] + ['Training Data'] * training_data
+  text_columns = len(header)
+  header += [c.title for c in columns]
   if compute:
     header += ['Time (min)', 'SSL PFLOPs', 'Memory (GB)']
-  lines = ['| ' + ' | '.join(header) + ' |', '|---|---|' + '---:|' * (len(header) - 2)]
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '---|' * text_columns + '---:|' * (len(header) - text_columns)]
   best = {}
   for c in columns:  # bold best, underline second best, as the paper does
     means = [(r['metrics'].get(c.title, {}).get('mean', float('nan')), i)
@@ -133,7 +256,8 @@ def markdown(result: dict[str, Any]) -> str:
     ranked = sorted(((m if c.higher_is_better else -m), i) for m, i in means if math.isfinite(m))
     best[c.title] = {i: rank for rank, (_, i) in enumerate(reversed(ranked))}
   for i, r in enumerate(rows):
-    cells = [r['method'], r['training_data']]
+    cells = ([r.get('setting') or SETTINGS['']] * setting + [r.get('name') or r['method']]
+             + [r['training_data']] * training_data)
     for c in columns:
       value = r['metrics'].get(c.title, {'mean': float('nan'), 'std': float('nan')})
       text = _cell(value['mean'], value['std'], c.digits, seeds)
@@ -155,28 +279,74 @@ def markdown(result: dict[str, Any]) -> str:
   return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
 
 
+def _check_transfer_encoders(pending: Sequence[tuple[str, str]], transfer_from: str | None):
+  """Exits with a message unless every pending ':transfer' / ':finetune' run has its encoder."""
+  needs = [(row, seed) for row, seed in pending if split_row(row)[1] in (TRANSFER, FINETUNE)]
+  if not needs:
+    return
+  if not transfer_from:
+    raise SystemExit(f'rows {sorted({row for row, _ in needs})} start from encoders pretrained '
+                     f'in other runs: pass --transfer_from=<the --out_dir of those runs> (it '
+                     f'holds <row>_seed<seed>/encoder; e.g. a --table=3 --config=configs/waymo.py '
+                     f'run)')
+  encoders = dict.fromkeys(transfer_encoder(transfer_from, row, seed) for row, seed in needs)
+  missing = [e for e in encoders if not os.path.exists(os.path.join(e, 'encoder_config.json'))]
+  if missing:
+    raise SystemExit(f'--transfer_from={transfer_from}: no exported encoder in '
+                     f'{", ".join(missing)}; pretrain those rows with --out_dir={transfer_from} '
+                     f'first')
+
+
 def main(argv):
   extra = [a for a in argv[1:] if a != '--']
   out_dir = os.path.abspath(_OUT_DIR.value)
-  rows, seeds = list(_ROWS.value), list(_SEEDS.value)
+  preset = TABLES.get(_TABLE.value) if _TABLE.value else None
+  if preset and flags.FLAGS['rows'].present:
+    raise SystemExit('give --table or --rows, not both')
+  try:
+    rows = select_rows(preset.rows if preset else _ROWS.value, from_preset=preset is not None)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
+  if not rows:
+    raise SystemExit('no rows to run')
+  compute_only = bool(preset and preset.compute_only)
+  if preset:
+    print(f'{preset.title}: {", ".join(rows)}', flush=True)
+    if os.path.normpath(_CONFIG.value) != os.path.normpath(preset.config):
+      print(f'(the paper ran this table with --config={preset.config}; running with '
+            f'--config={_CONFIG.value})', flush=True)
+  seeds = list(_SEEDS.value)
+
+  def done(row, seed):
+    workdir = run_dir(out_dir, row, seed)
+    profiled = os.path.exists(os.path.join(workdir, 'profile.json'))
+    if compute_only:
+      return profiled
+    needs_profile = _PROFILE.value and split_row(row)[1] == ''
+    return os.path.exists(report_path(workdir, row)) and (profiled or not needs_profile)
+
+  pending = [(row, seed) for row in rows for seed in seeds if not done(row, seed)]
+  _check_transfer_encoders(pending, _TRANSFER_FROM.value)
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   for row in rows:
     for seed in seeds:
       workdir = run_dir(out_dir, row, seed)
-      done = os.path.exists(report_path(workdir, row)) and (
-          row.endswith(FROZEN) or not _PROFILE.value
-          or os.path.exists(os.path.join(workdir, 'profile.json')))
-      if done:
+      if (row, seed) not in pending:
         print(f'[{row} seed {seed}] done earlier: {workdir}', flush=True)
         continue
-      for cmd in commands(_CONFIG.value, row, seed, workdir, extra, _PROFILE.value):
+      for cmd in commands(_CONFIG.value, row, seed, workdir, extra, _PROFILE.value,
+                          _TRANSFER_FROM.value, compute_only):
         print(f'[{row} seed {seed}] {" ".join(cmd[1:])}', flush=True)
         proc = subprocess.run(cmd, cwd=REPO, env=env)
         if proc.returncode:
           raise SystemExit(f'[{row} seed {seed}] failed (exit {proc.returncode}); rerun the '
                            f'same command to resume it')
-  result = aggregate(out_dir, rows, seeds)
+  result = aggregate(out_dir, rows, seeds, compute_only)
+  if preset:
+    result['title'] = preset.title
   text = markdown(result)
+  if preset:
+    text = f'{preset.title}\n\n{text}'
   os.makedirs(out_dir, exist_ok=True)
   for name, payload in (('tables.md', text), ('tables.json', json.dumps(result, indent=2))):
     path = os.path.join(out_dir, name)

@@ -105,7 +105,8 @@ def _measure_input(row: str) -> dict:
 
   def loader():
     return iter(pipeline.pretrain_loader(config.data, setup.batch_size, seed=config.seed,
-                                         start_step=0, num_steps=warmup + steps))
+                                         start_step=0, num_steps=warmup + steps,
+                                         with_seg=bool(config.views.get('with_seg', False))))
 
   batches = loader()
   for _ in range(warmup):

@@ -1,12 +1,14 @@
 """Defaults shared by every dataset config, and the paper's method rows.
 
 A row of the paper's tables is a config, not a code path: `get_config('<row>')` in a dataset
-file calls `apply_method` with the row name, which only sets config values.
+file calls `apply_method` with the row name, which only sets config values. Table 5's training
+regimes follow the row after a comma (`<row>,transfer`, `<row>,finetune`; REGIMES below).
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 # Paper row -> the config values that define it. Each entry is applied on top of the
 # dataset defaults; keys are dotted paths into the config.
@@ -44,6 +46,20 @@ METHODS: dict[str, dict[str, object]] = {
     # crops disabled (S1). The probes read the camera-aligned RGB patch grid only (S3).
     'imagebind': {'model.family': 'dual', 'objective.name': 'infonce',
                   'objective.infonce_temperature': 0.07, 'views.num_local': 0},
+    # DINOv3-style RGB baseline (Table 3, 6; S1): an RGB ViT trained by DINO (cross-view CLS
+    # prototypes) + iBOT (masked patch prototypes) against an EMA teacher (models/dino.py,
+    # objectives/dino.py; settings in config.dino), DINO lr 5e-4, AdamW betas (0.9, 0.95).
+    # The exported encoder (what the probes read) is the teacher's backbone.
+    'dinov3': {'model.family': 'vit', 'model.inputs': 'rgb', 'objective.name': 'dino',
+               'optim.lr': 5e-4, 'optim.b1': 0.9, 'optim.b2': 0.95},
+    # MultiMAE-SS (Table 3-6; S1): masked reconstruction of the RGB and companion patches
+    # (models/multimae.py, objectives/mae.py; settings in config.multimae: mask ratio 0.75,
+    # decoder depth 2, width 256); local crops disabled. Probes: the RGB patch tokens (S3).
+    'multimae_ss': {'model.family': 'multimae', 'objective.name': 'mae', 'views.num_local': 0},
+    # MultiMAE-MT (Table 3-6; S1): the same, plus a semantic-segmentation output task on the
+    # dataset's seg labels, cropped with each view (views.with_seg).
+    'multimae_mt': {'model.family': 'multimae', 'objective.name': 'mae', 'views.num_local': 0,
+                    'views.with_seg': True, 'multimae.tasks': ('rgb', 'companion', 'seg')},
 }
 
 
@@ -51,18 +67,48 @@ def method_names() -> list[str]:
   return sorted(METHODS)
 
 
-def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """Sets `config.method` and the row's values; an unknown row is a ValueError listing rows."""
-  if method not in METHODS:
-    raise ValueError(f'unknown method row {method!r}; choose one of {method_names()} '
-                     f'(e.g. --config=configs/synthetic.py:lemumo)')
-  config.method = method
-  for dotted, value in METHODS[method].items():
+# Training regimes (Table 5, S1), the optional second part of the row argument:
+# --config=configs/flir.py:<row>[,<regime>]. Like a row, a regime only sets config values.
+#   scratch   (default) nothing: the dataset's own SSL schedule, then the frozen probes.
+#   transfer  frozen probes on an encoder pretrained on another dataset (S1 "Waymo->FLIR frozen
+#             transfer"): mode=probe, V = 1, no local crops; the probe schedule is base_config's
+#             (5 epochs, batch 64, probe lr 1e-3, 640 x 640 views, validation every 100 steps).
+#   finetune  end-to-end fine-tuning of such an encoder with a detection decoder (S1 "End-to-end
+#             FLIR fine-tuning"): mode=finetune with config.finetune.
+# REQUIRED marks a path the command line must give (an unset one is an error naming the key).
+REQUIRED = object()
+REGIMES: dict[str, dict[str, object]] = {
+    'scratch': {},
+    'transfer': {'mode': 'probe', 'views.num_global': 1, 'views.num_local': 0,
+                 'probe.encoder_dir': REQUIRED},
+    'finetune': {'mode': 'finetune', 'finetune.encoder_dir': REQUIRED},
+}
+
+
+def _set_values(config: ml_collections.ConfigDict, values: dict[str, object]) -> None:
+  for dotted, value in values.items():
     node = config
     *parents, leaf = dotted.split('.')
     for name in parents:
       node = node[name]
-    node[leaf] = value
+    # A fresh placeholder per config: a shared FieldReference would link configs' values.
+    node[leaf] = config_dict.placeholder(str) if value is REQUIRED else value
+
+
+def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """Applies '<row>[,<regime>]': sets `config.method` to the row and the row's and the
+  regime's values; an unknown row or regime is a ValueError listing the choices."""
+  row, _, regime = method.partition(',')
+  if row not in METHODS:
+    raise ValueError(f'unknown method row {row!r}; choose one of {method_names()} '
+                     f'(e.g. --config=configs/synthetic.py:lemumo)')
+  regime = regime or 'scratch'
+  if regime not in REGIMES:
+    raise ValueError(f'unknown training regime {regime!r} in {method!r}; choose one of '
+                     f'{list(REGIMES)} (e.g. --config=configs/flir.py:{row},transfer)')
+  config.method = row
+  _set_values(config, METHODS[row])
+  _set_values(config, REGIMES[regime])
   return config
 
 
@@ -75,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Paper S2 defaults (Waymo): ViT-S/16, batch 64, 2 x 224 + 8 x 96 crops, proj dim 16,
   lr 1e-4, lambda 0.1, 5 SSL epochs."""
   c = ml_collections.ConfigDict()
-  c.mode = 'pretrain'   # 'pretrain' | 'probe' | 'pretrain_probe' (both, in order) | 'profile'
+  # 'pretrain' | 'probe' | 'pretrain_probe' (both, in order) | 'finetune' | 'profile'
+  c.mode = 'pretrain'
   c.method = 'lemumo'
   c.seed = 0
 
@@ -101,10 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
       'local_scale': (0.05, 0.4),
       'companion_resize': 'nearest',
       'photometric': True,        # ColorJitter, grayscale, blur, solarize on RGB only
+      'with_seg': False,          # also crop the seg labels with each view (multimae_mt)
   })
 
   c.model = ml_collections.ConfigDict({
-      # 'fusion' | 'vit' | 'early_fusion' | 'late_fusion' | 'dual'
+      # 'fusion' | 'vit' | 'early_fusion' | 'late_fusion' | 'dual' | 'multimae'
       'family': 'fusion',
       'inputs': 'rgb',             # 'vit' only: 'rgb' | 'companion'
       'fusion_mode': 'pruned',     # 'pruned' | 'persistent'
@@ -161,6 +209,40 @@ def base_config() -> ml_collections.ConfigDict:
       'keep_checkpoints': 3,
   })
 
+  # MultiMAE rows (model.family 'multimae', objective 'mae'; models/multimae.py): S1's mask
+  # ratio and decoder size, the rest as MultiMAE's code. Its own section: keys added to
+  # model/objective would refuse resuming every existing workdir.
+  c.multimae = ml_collections.ConfigDict({
+      'tasks': ('rgb', 'companion'),   # + 'seg' (multimae_mt): supervised output task
+      'mask_ratio': 0.75,
+      'mask_sampling': 'dirichlet',    # per-modality budgets ~ Dirichlet(alpha) | 'uniform'
+      'dirichlet_alpha': 1.0,
+      'decoder_width': 256,
+      'decoder_depth': 2,              # transformer blocks after the cross-attention
+      'decoder_heads': 8,
+      'seg_stride': 4,                 # seg logits/labels every 4 pixels (MultiMAE's semseg)
+      'num_seg_classes': 0,            # 0: the dataset metadata's seg_classes
+  })
+
+  # The dinov3 row (objective 'dino'; models/dino.py, objectives/dino.py): S1's DINO and iBOT
+  # settings, the head shape DINO's. Its own section: keys added to model/objective would
+  # refuse resuming every existing workdir.
+  c.dino = ml_collections.ConfigDict({
+      'num_prototypes': 1024,          # DINO head output (S1 "prototype dimension")
+      'ibot_num_prototypes': 1024,     # iBOT head output (S1)
+      'hidden_dim': 2048,              # both heads: 3-layer MLP -> L2 norm -> prototypes
+      'bottleneck_dim': 256,
+      'head_layers': 3,
+      'student_temp': 0.1,
+      'teacher_temp': 0.04,            # warm-up start 0.04, zero warm-up epochs: constant
+      'teacher_momentum': 0.996,       # EMA teacher: cosine from this ...
+      'final_teacher_momentum': 1.0,   # ... to this over the run (DINO's schedule)
+      'centre_momentum': 0.9,          # EMA centre of the teacher logits (DINO and iBOT)
+      'ibot_weight': 1.0,
+      'mask_sample_probability': 0.5,  # global-view images that get iBOT masks
+      'mask_ratio': (0.1, 0.5),        # masked fraction of such an image's patches ~ U(range)
+  })
+
   # Frozen patch probes (S3): deterministic clean views, all heads trained at once.
   c.probe = ml_collections.ConfigDict({
       'encoder': 'pretrained',     # 'pretrained' | 'random' (Table 1 "encoder frozen" rows)
@@ -184,6 +266,34 @@ def base_config() -> ml_collections.ConfigDict:
       'centernet_hidden': 256,
       'occupancy_hidden': 64,
       'num_figure_frames': 4,
+  })
+
+  # End-to-end fine-tuning (mode=finetune; S1 "End-to-end FLIR fine-tuning"): an exported
+  # encoder and a detection decoder trained together on random-resized crops, validated on the
+  # clean probe view (probe.image_size, probe.max_objects, ...) with the probe stage's targets,
+  # metrics and report.
+  c.finetune = ml_collections.ConfigDict({
+      'encoder_dir': '',           # the exported encoder to fine-tune; default: <workdir>/encoder
+      'heads': ('centernet2d',),   # probe heads read through the decoder (S1: 2D CenterNet)
+      'decoder_layers': 3,         # 3x3 Conv+BN+ReLU layers; the last is the CenterNet adapter
+      'decoder_hidden': 512,
+      'batch_size': 64,
+      'num_epochs': 30,
+      'num_steps': 0,              # > 0 overrides num_epochs
+      'encoder_lr': 2e-5,
+      'head_lr': 2e-4,             # decoder and heads
+      'weight_decay': 0.05,        # AdamW, both groups (kernels only, like pretraining)
+      'warmup_fraction': 0.05,     # linear warmup over this fraction of the steps,
+      'warmup_init_fraction': 0.01,  # from this fraction of each group's lr,
+      'end_lr': 1e-7,              # then cosine decay to this
+      'grad_clip': 0.0,            # global-norm clip; 0 disables (S1 names none)
+      'crop_scale': (0.8, 1.0),    # random-resized-crop area fraction, train only
+      'crop_ratio': (3 / 4, 4 / 3),  # its aspect range (torchvision's default)
+      'val_every': 100,
+      'patience': 8,               # early stop after this many validations without a new best
+      'select_by': 'loss',         # best validation: 'loss' (lowest) or 'mAP50' (highest)
+      'log_every': 50,
+      'checkpoint_every': 500,
   })
 
   # mode=profile (lemumo_jax/profiling.py): Table 6's compute profile of THE train step.

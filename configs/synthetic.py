@@ -19,6 +19,9 @@ def get_config(arg=None):
   config.model.update(img_size=64, patch_size=8, width=96, depth=4, num_heads=4,
                       dtype='float32')
   config.projector.update(hidden_dim=256)
+  config.dino.update(hidden_dim=256, bottleneck_dim=64)
+  # MultiMAE rows: the paper's 256-wide decoder is 2/3 of ViT-S's width; keep that ratio.
+  config.multimae.update(decoder_width=64, decoder_heads=4)
   config.optim.update(lr=5e-4, warmup_fraction=0.1)
   config.train.update(batch_size=32, num_epochs=4, log_every=10, checkpoint_every=50)
   # Pretraining, then the frozen probes on clean full frames, so the default run ends with the
@@ -29,4 +32,8 @@ def get_config(arg=None):
   config.probe.update(image_size=(96, 128), seg_size=(48, 64), batch_size=32, num_epochs=3,
                       lr=3e-3, val_every=64, log_every=16, checkpoint_every=64,
                       centernet_hidden=64, occupancy_hidden=32, max_objects=32, max_gt_boxes=64)
+  # mode=finetune (configs/...:<row>,finetune) on the same views: a 64-wide decoder and 10x the
+  # paper's learning rates for the short schedule.
+  config.finetune.update(batch_size=32, num_epochs=3, decoder_hidden=64, encoder_lr=2e-4,
+                         head_lr=2e-3, val_every=64, log_every=16, checkpoint_every=64)
   return common.apply_method(config, common.parse_arg(arg))

@@ -6,6 +6,8 @@ key is an error. `config.mode` selects what runs:
   probe            frozen patch probes on <workdir>/encoder (or config.probe.encoder_dir; or a
                    frozen random encoder with config.probe.encoder=random) -> report.md
   pretrain_probe   both, in order (the synthetic default)
+  finetune         end-to-end fine-tuning of an exported encoder (config.finetune.encoder_dir,
+                   default <workdir>/encoder) with a detection decoder -> <workdir>/finetune
   profile          the compute profile of the config's train step (paper Table 6: time, SSL
                    FLOPs, peak memory) -> <workdir>/profile.json; trains nothing
 
@@ -25,6 +27,8 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
+
+from lemumo_jax import modes
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/synthetic.py', 'Config file, optionally with :<paper row>.',
@@ -46,7 +50,6 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'With --distributed: this process\'s index in [0, num_processes). '
     'Default: auto-detected.')
 
-MODES = ('pretrain', 'probe', 'pretrain_probe', 'profile')
 
 
 def initialize_distributed() -> None:
@@ -62,11 +65,6 @@ def initialize_distributed() -> None:
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def default_workdir(config_path: str, method: str) -> str:
-  stem = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
-  return os.path.join('runs', f'{stem}_{method}')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -80,16 +78,19 @@ def main(argv):
     raise app.UsageError(f'{", ".join(explicit)} only apply with --distributed')
   if _DISTRIBUTED.value:
     initialize_distributed()
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename,
+  workdir = _WORKDIR.value or modes.default_workdir(flags.FLAGS['config'].config_filename,
                                               config.method)
-  if config.mode not in MODES:
-    raise app.UsageError(f'config.mode must be one of {MODES}, got {config.mode!r}')
+  if config.mode not in modes.MODES:
+    raise app.UsageError(f'config.mode must be one of {modes.MODES}, got {config.mode!r}')
   if config.mode in ('pretrain', 'pretrain_probe'):
     from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
     pretrain.train(config, workdir)
   if config.mode in ('probe', 'pretrain_probe'):
     from lemumo_jax.training import probe  # pylint: disable=g-import-not-at-top
     probe.run(config, workdir)
+  if config.mode == 'finetune':
+    from lemumo_jax.training import finetune  # pylint: disable=g-import-not-at-top
+    finetune.run(config, workdir)
   if config.mode == 'profile':
     from lemumo_jax import profiling  # pylint: disable=g-import-not-at-top
     profiling.profile(config, workdir)

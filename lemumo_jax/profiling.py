@@ -109,17 +109,21 @@ def device_peak_bytes(devices: list[jax.Device] | None = None) -> int | None:
 
 
 def constant_host_batch(data_cfg: ml_collections.ConfigDict, global_batch_size: int,
-                        seed: int = 0) -> dict[str, np.ndarray]:
+                        seed: int = 0, with_seg: bool = False) -> dict[str, np.ndarray]:
   """This host's rows of a random batch in the loader's layout: rgb [b, H, W, 3] uint8,
-  companion [b, H, W] float32 in [0, 1), H, W = data.image_size, b = global / process_count."""
+  companion [b, H, W] float32 in [0, 1), H, W = data.image_size, b = global / process_count;
+  with_seg (views.with_seg) adds seg [b, H, W] uint8 labels in [0, 4)."""
   if global_batch_size % jax.process_count():
     raise ValueError(f'batch_size {global_batch_size} is not divisible by the '
                      f'{jax.process_count()} hosts')
   rows = global_batch_size // jax.process_count()
   height, width = (int(v) for v in data_cfg.image_size)
   rng = np.random.default_rng(seed + jax.process_index())
-  return {'rgb': rng.integers(0, 256, (rows, height, width, 3), dtype=np.uint8),
-          'companion': rng.random((rows, height, width), dtype=np.float32)}
+  batch = {'rgb': rng.integers(0, 256, (rows, height, width, 3), dtype=np.uint8),
+           'companion': rng.random((rows, height, width), dtype=np.float32)}
+  if with_seg:
+    batch['seg'] = rng.integers(0, 4, (rows, height, width), dtype=np.uint8)
+  return batch
 
 
 @dataclasses.dataclass
@@ -145,7 +149,8 @@ class StepSetup:
 def setup_step(config: ml_collections.ConfigDict, total_steps: int) -> StepSetup:
   """Builds the pretraining step exactly as pretrain.train does (build_model, build_objective,
   make_optimizer, make_train_step, jit_train_step) for a batch of config.train.batch_size,
-  with a freshly initialised state; `total_steps` only shapes the learning-rate schedule."""
+  with a freshly initialised state; `total_steps` only shapes the schedules (learning rate,
+  EMA-teacher momentum)."""
   batch_size = int(config.train.batch_size)
   mesh = state_lib.make_mesh()
   if batch_size % mesh.size:
@@ -162,8 +167,11 @@ def setup_step(config: ml_collections.ConfigDict, total_steps: int) -> StepSetup
                                 jax.eval_shape(init_state, init_key))
   state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
   step_fn = pretrain.jit_train_step(
-      pretrain.make_train_step(model, objective, tx, view_cfg, schedule), mesh, state_sharding)
-  batch = state_lib.global_batch(mesh, constant_host_batch(config.data, batch_size, config.seed))
+      pretrain.make_train_step(model, objective, tx, view_cfg, schedule,
+                               pretrain.build_teacher_momentum(config, total_steps)),
+      mesh, state_sharding)
+  batch = state_lib.global_batch(mesh, constant_host_batch(config.data, batch_size, config.seed,
+                                                           with_seg=view_cfg.with_seg))
   return StepSetup(config=config, mesh=mesh, step_fn=step_fn, state=state, batch=batch,
                    key=step_key, batch_size=batch_size, total_steps=total_steps)
 

@@ -20,6 +20,8 @@ def tiny_config(method: str = 'lemumo', **train):
                       local_size=16)
   config.model.update(img_size=32, patch_size=8, width=32, depth=2, num_heads=2)
   config.projector.update(hidden_dim=32, out_dim=8)
+  config.dino.update(hidden_dim=32, bottleneck_dim=16, num_prototypes=64, ibot_num_prototypes=64)
+  config.multimae.update(decoder_width=32, decoder_heads=2)
   config.objective.update(num_slices=16)
   config.train.update(batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
   config.train.update(**train)
@@ -27,6 +29,8 @@ def tiny_config(method: str = 'lemumo', **train):
   config.probe.update(image_size=(48, 64), seg_size=(24, 32), batch_size=8, num_steps=4,
                       val_every=2, log_every=1, checkpoint_every=2, centernet_hidden=16,
                       occupancy_hidden=8, max_objects=16, num_figure_frames=2)
+  config.finetune.update(batch_size=8, num_steps=4, val_every=2, log_every=1,
+                         checkpoint_every=2, decoder_hidden=16)
   return config
 
 
@@ -47,6 +51,12 @@ TINY_PROBE_FLAGS = [
     '--config.probe.log_every=1', '--config.probe.checkpoint_every=2',
     '--config.probe.centernet_hidden=16', '--config.probe.occupancy_hidden=8',
     '--config.probe.max_objects=16', '--config.probe.num_figure_frames=2',
+]
+# ... and tiny fine-tuning (mode=finetune; it reads the probe view settings above).
+TINY_FINETUNE_FLAGS = [
+    '--config.finetune.batch_size=8', '--config.finetune.num_steps=4',
+    '--config.finetune.val_every=2', '--config.finetune.log_every=1',
+    '--config.finetune.checkpoint_every=2', '--config.finetune.decoder_hidden=16',
 ]
 
 

@@ -2,7 +2,9 @@
 
 Rows: lemumo_vicreg (FT-Pruned + VICReg), lemumo_3pass (FT-Pruned + SIGReg 3-pass),
 early_fusion (Early Fusion RGBD), late_fusion (Late Fusion); Table 3's imagebind
-(ImageBind-style dual encoder, symmetric InfoNCE).
+(ImageBind-style dual encoder, symmetric InfoNCE), dinov3 (DINO + iBOT with an EMA teacher;
+the unit tests are in test_dino.py), multimae_ss and multimae_mt (MultiMAE; the
+unit tests are in test_multimae.py).
 """
 
 import json
@@ -13,13 +15,14 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from tests.conftest import tiny_config
-from lemumo_jax.models import encoders, ssl
+from conftest import tiny_config
+from lemumo_jax.models import encoders
 from lemumo_jax.objectives import infonce
 from lemumo_jax.training import pretrain, probe
 from lemumo_jax.training import state as state_lib
 
-NEW_ROWS = ('lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion', 'imagebind')
+NEW_ROWS = ('lemumo_vicreg', 'lemumo_3pass', 'early_fusion', 'late_fusion', 'imagebind', 'dinov3',
+            'multimae_ss', 'multimae_mt')
 
 
 def test_rows_set_their_objective_and_family():

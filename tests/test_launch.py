@@ -12,7 +12,6 @@ from unittest import mock
 
 import jax
 import numpy as np
-import pytest
 
 from lemumo_jax.data import pipeline
 from lemumo_jax.training import pretrain

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from benchmarks import paper_tables
-from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS
+from conftest import REPO, TINY_FINETUNE_FLAGS, TINY_FLAGS, TINY_PROBE_FLAGS
 
 
 def test_markdown_mean_std_best_and_compute_columns():
@@ -65,3 +65,145 @@ def test_unknown_row_fails_with_the_row_named(python_env, tmp_path):
                         timeout=300)
   assert proc.returncode != 0
   assert 'no_such_row' in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------- table presets
+
+
+def _names(table):
+  return [paper_tables.display_name(row) for row in paper_tables.TABLES[table].rows]
+
+
+def test_presets_are_the_papers_rows_in_order():
+  tables = paper_tables.TABLES
+  assert tables[1].rows == ('lejepa_rgb', 'lejepa_rgb:frozen', 'lidar_only', 'lidar_only:frozen')
+  assert _names(1) == ['LeJEPA', 'LeJEPA encoder frozen', 'LiDAR-only',
+                       'LiDAR-only encoder frozen']
+  assert _names(2) == ['Early Fusion RGBD', 'Late Fusion', 'FT-Pruned + VICReg',
+                       'FT-Persistent + SIGReg', 'FT-Pruned + SIGReg (3-pass)', 'Le MuMo JEPA']
+  assert _names(3) == ['LeJEPA', 'DINOv3', 'LiDAR-only', 'MultiMAE-SS', 'MultiMAE-MT',
+                       'ImageBind', 'Le MuMo JEPA']
+  assert tables[4].rows == ('multimae_ss', 'multimae_mt', 'imagebind', 'lemumo')
+  assert tables[4].config == 'configs/nuscenes.py' and tables[5].config == 'configs/flir.py'
+  assert tables[5].rows == (
+      'multimae_ss', 'imagebind', 'lemumo',
+      'multimae_ss:transfer', 'multimae_mt:transfer', 'imagebind:transfer', 'lemumo:transfer',
+      'multimae_ss:finetune', 'multimae_mt:finetune', 'imagebind:finetune', 'lemumo:finetune')
+  assert [paper_tables.SETTINGS[paper_tables.split_row(r)[1]] for r in tables[5].rows] == (
+      ['Scratch'] * 3 + ['Waymo → FLIR'] * 4 + ['Fine-tune'] * 4)
+  assert _names(6) == ['MultiMAE-SS', 'Early Fusion RGBD', 'LeJEPA', 'ImageBind', 'Late Fusion',
+                       'DINOv3', 'Le MuMo JEPA', 'FT-Pruned + VICReg', 'MultiMAE-MT',
+                       'FT-Pruned + SIGReg (3-pass)', 'FT-Persistent + SIGReg']
+  assert tables[6].compute_only and not tables[3].compute_only
+  # Every named row is a METHODS row or one of the rows being added (DINOv3, MultiMAE).
+  names = {paper_tables.split_row(r)[0] for t in tables.values() for r in t.rows}
+  assert names <= set(paper_tables.DISPLAY_NAMES)
+
+
+def test_preset_rows_missing_from_this_checkout_are_skipped(capsys):
+  known = {'lejepa_rgb', 'lidar_only', 'imagebind', 'lemumo'}  # without dinov3 / multimae_*
+  rows = paper_tables.select_rows(paper_tables.TABLES[3].rows, from_preset=True, known=known)
+  assert rows == ['lejepa_rgb', 'lidar_only', 'imagebind', 'lemumo']
+  out = capsys.readouterr().out
+  assert "skipping dinov3: no row 'dinov3'" in out and 'skipping multimae_mt' in out
+  assert paper_tables.select_rows(['lemumo:finetune'], from_preset=False, known=known) == [
+      'lemumo:finetune']
+  with pytest.raises(ValueError, match="unknown row 'dinov3'"):
+    paper_tables.select_rows(['dinov3'], from_preset=False, known=known)
+  with pytest.raises(ValueError, match="row 'lemumo:warm'"):
+    paper_tables.select_rows(['lemumo:warm'], from_preset=False, known=known)
+
+
+def test_transfer_and_finetune_commands_start_from_the_transfer_encoder():
+  extra = ['--config.data.data_dir=/data/flir']
+  workdir = paper_tables.run_dir('/out', 'lemumo:transfer', '1')
+  assert workdir == '/out/lemumo_transfer_seed1'
+  assert paper_tables.report_path(workdir, 'lemumo:transfer') == (
+      '/out/lemumo_transfer_seed1/probe/report.json')
+  [cmd] = paper_tables.commands('configs/flir.py', 'lemumo:transfer', '1', workdir, extra, True,
+                                '/waymo')
+  assert cmd[3:] == ['--config=configs/flir.py:lemumo,transfer', f'--workdir={workdir}',
+                     '--config.seed=1', *extra, '--config.mode=probe',
+                     '--config.probe.encoder_dir=/waymo/lemumo_seed1/encoder']
+  workdir = paper_tables.run_dir('/out', 'imagebind:finetune', '0')
+  assert paper_tables.report_path(workdir, 'imagebind:finetune') == (
+      '/out/imagebind_finetune_seed0/finetune/report.json')
+  [cmd] = paper_tables.commands('configs/flir.py', 'imagebind:finetune', '0', workdir, extra,
+                                True, '/waymo')
+  assert cmd[3] == '--config=configs/flir.py:imagebind,finetune'
+  assert cmd[-2:] == ['--config.mode=finetune',
+                      '--config.finetune.encoder_dir=/waymo/imagebind_seed0/encoder']
+  scratch = paper_tables.commands('configs/flir.py', 'lemumo', '0', '/w', [], True, '/waymo')
+  assert [c[-1] for c in scratch] == ['--config.mode=pretrain_probe', '--config.mode=profile']
+  assert scratch[0][3] == '--config=configs/flir.py:lemumo'
+  [profile] = paper_tables.commands('configs/waymo.py', 'dinov3', '0', '/w', [], True,
+                                    compute_only=True)
+  assert profile[-1] == '--config.mode=profile'
+  with pytest.raises(ValueError, match='needs --transfer_from'):
+    paper_tables.commands('configs/flir.py', 'lemumo:finetune', '0', '/w', [], True)
+
+
+def test_markdown_setting_column_and_compute_only():
+  def row(name, setting, value):
+    return {'row': name, 'name': name, 'setting': setting, 'method': name,
+            'training_data': 'RGB+Thermal', 'seeds': ['0'], 'compute': {},
+            'metrics': {'mAP50 ↑': {'mean': value, 'std': 0.0},
+                        'Car mAP50 ↑': {'mean': 10 * value, 'std': 0.0}}}
+  lines = paper_tables.markdown({'seeds': ['0'], 'rows': [
+      row('Le MuMo JEPA', 'Scratch', 0.41), row('Le MuMo JEPA', 'Waymo → FLIR', 1.56),
+      row('Le MuMo JEPA', 'Fine-tune', 2.39)]}).splitlines()
+  assert lines[0] == '| Setting | Method | Training Data | mAP50 ↑ | Car mAP50 ↑ |'
+  assert lines[1] == '|---|---|---|---:|---:|'
+  assert lines[4] == '| Fine-tune | Le MuMo JEPA | RGB+Thermal | **2.39** | **23.90** |'
+  compute = {'Time (min)': 55.09, 'SSL PFLOPs': 86.0, 'Memory (GB)': 12.11,
+             'memory_is_xla_estimate': False}
+  lines = paper_tables.markdown({'seeds': ['0'], 'rows': [
+      {'row': 'lemumo', 'name': 'Le MuMo JEPA', 'setting': 'Scratch', 'method': 'lemumo',
+       'training_data': '', 'seeds': ['0'], 'metrics': {}, 'compute': compute}]}).splitlines()
+  assert lines[0] == '| Method | Time (min) | SSL PFLOPs | Memory (GB) |'
+  assert lines[2] == '| Le MuMo JEPA | 55.09 | 86 | 12.110 |'
+
+
+def test_table_flags_fail_clearly(python_env, tmp_path):
+  """Table 5's transfer rows without --transfer_from, or with no encoders there, stop before
+  anything runs; --table and --rows together are refused."""
+  base = [sys.executable, '-m', 'benchmarks.paper_tables', '--table=5', f'--out_dir={tmp_path}']
+  proc = subprocess.run(base, cwd=REPO, env=python_env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0 and '--transfer_from' in proc.stderr
+  assert "'lemumo:transfer'" in proc.stderr and not list(tmp_path.iterdir())
+  proc = subprocess.run(base + [f'--transfer_from={tmp_path / "waymo"}'], cwd=REPO,
+                        env=python_env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert 'no exported encoder in' in proc.stderr
+  assert str(tmp_path / 'waymo' / 'lemumo_seed0' / 'encoder') in proc.stderr
+  proc = subprocess.run(base + ['--rows=lemumo'], cwd=REPO, env=python_env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0 and 'give --table or --rows' in proc.stderr
+
+
+@pytest.mark.slow
+def test_transfer_and_finetune_rows_end_to_end(python_env, tmp_path):
+  """A pretrained row, then its transfer and fine-tune rows from that run's encoder."""
+  tiny = [*TINY_FLAGS, *TINY_PROBE_FLAGS, *TINY_FINETUNE_FLAGS,
+          "--config.probe.heads=('centernet2d',)"]
+  run = lambda *args: subprocess.run(
+      [sys.executable, '-m', 'benchmarks.paper_tables', '--seeds=0', '--noprofile', *args, '--',
+       *tiny], cwd=REPO, env=python_env, capture_output=True, text=True, timeout=900)
+  proc = run('--rows=lemumo', f'--out_dir={tmp_path / "source"}')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  proc = run('--rows=lemumo:transfer,lemumo:finetune', f'--out_dir={tmp_path / "target"}',
+             f'--transfer_from={tmp_path / "source"}')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / 'target' / 'tables.json').read_text())
+  assert [(r['setting'], r['name'], r['method']) for r in result['rows']] == [
+      ('Waymo → FLIR', 'Le MuMo JEPA', 'lemumo'),
+      ('Fine-tune', 'Le MuMo JEPA', 'lemumo fine-tuned')]
+  assert all('mAP50 ↑' in r['metrics'] for r in result['rows'])
+  encoder = tmp_path / 'source' / 'lemumo_seed0' / 'encoder'
+  for row, stage in (('lemumo_transfer', 'probe'), ('lemumo_finetune', 'finetune')):
+    details = json.loads((tmp_path / 'target' / f'{row}_seed0' / stage / 'report.json')
+                         .read_text())['details']
+    assert str(encoder) in details['encoder']
+  assert (tmp_path / 'target' / 'tables.md').read_text().startswith(
+      '| Setting | Method | Training Data | mAP50 ↑ | Car mAP50 ↑ |')

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, synthetic, waymo
+from configs import synthetic, waymo
 from tests.conftest import REPO, TINY_FLAGS, tiny_config
 from lemumo_jax.training import pretrain
 from lemumo_jax.training import state as state_lib
@@ -33,7 +33,8 @@ def test_paper_defaults_in_waymo_config():
     ('lejepa_rgb', 'vit', None), ('lidar_only', 'vit', None),
     ('lemumo_vicreg', 'fusion', 'pruned'), ('lemumo_3pass', 'fusion', 'pruned'),
     ('early_fusion', 'early_fusion', None), ('late_fusion', 'late_fusion', None),
-    ('imagebind', 'dual', None)])
+    ('imagebind', 'dual', None), ('dinov3', 'vit', None), ('multimae_ss', 'multimae', None),
+    ('multimae_mt', 'multimae', None)])
 def test_method_rows(row, family, mode):
   for module in (synthetic, waymo):
     c = module.get_config(row)

@@ -2,7 +2,6 @@
 end to end (report, figure, resume, random-encoder control, 4 devices)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 
 from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config
 from lemumo_jax.data import geometry, pipeline, synthetic
-from lemumo_jax.evaluation import centernet, report
+from lemumo_jax.evaluation import report
 from lemumo_jax.models import probes
 from lemumo_jax.training import pretrain, probe
 

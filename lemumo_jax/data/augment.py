@@ -58,6 +58,9 @@ class ViewConfig:
   antialias: bool = True
   companion_resize: str = 'nearest'
   photometric: bool = True
+  # Also crop the seg labels [B, H, W] with each view's box and flip (nearest): the MultiMAE-MT
+  # row's supervised output task. Off for every other row (their views and numerics unchanged).
+  with_seg: bool = False
   jitter_prob: float = 0.8
   brightness: float = 0.4
   contrast: float = 0.4
@@ -319,8 +322,10 @@ def normalize(img: jax.Array, cfg: ViewConfig | None = None) -> jax.Array:
 # ----------------------------------------------------------------------------- views
 
 
-def _one_view(key, rgb, companion, size, scale, blur_prob, solarize_prob, cfg: ViewConfig):
-  """One (view, sample): rgb [H, W, 3] uint8, companion [H, W, 1] -> ([S, S, 3], [S, S, 1])."""
+def _one_view(key, rgb, companion, size, scale, blur_prob, solarize_prob, cfg: ViewConfig,
+              seg=None):
+  """One (view, sample): rgb [H, W, 3] uint8, companion [H, W, 1] -> ([S, S, 3], [S, S, 1]),
+  plus seg [S, S] int32 (nearest, the same box and flip) when seg [H, W, 1] is given."""
   # Separate streams for geometry and colour keep the crops identical whether or not the
   # photometric stack is enabled.
   k_box, k_flip, k_photo = jax.random.split(key, 3)
@@ -331,20 +336,29 @@ def _one_view(key, rgb, companion, size, scale, blur_prob, solarize_prob, cfg: V
                               cfg.antialias, flip)
   if cfg.photometric:
     rgb_view = apply_photometric(k_photo, rgb_view, blur_prob, solarize_prob, cfg)
-  return normalize(rgb_view, cfg), comp_view
+  if seg is None:
+    return normalize(rgb_view, cfg), comp_view
+  seg_view = crop_and_resize(seg, box, (size, size), 'nearest', flip=flip)[..., 0]
+  return normalize(rgb_view, cfg), comp_view, seg_view.astype(jnp.int32)
 
 
 def _view_set(key, rgb, companion, sample_ids, num_views, size, scale, blur_probs,
-              solarize_probs, cfg):
-  """num_views views of every sample -> ([V, B, S, S, 3], [V, B, S, S, 1])."""
+              solarize_probs, cfg, seg=None):
+  """num_views views of every sample -> ([V, B, S, S, 3], [V, B, S, S, 1]) (+ seg
+  [V, B, S, S] int32 when seg [B, H, W, 1] is given)."""
   batch = rgb.shape[0]
   if num_views == 0:
-    return (jnp.zeros((0, batch, size, size, 3), jnp.float32),
-            jnp.zeros((0, batch, size, size, 1), jnp.float32))
+    empty = (jnp.zeros((0, batch, size, size, 3), jnp.float32),
+             jnp.zeros((0, batch, size, size, 1), jnp.float32))
+    return empty if seg is None else empty + (jnp.zeros((0, batch, size, size), jnp.int32),)
   view_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num_views))
 
   def per_view(view_key, blur_prob, solarize_prob):
     keys = jax.vmap(jax.random.fold_in, (None, 0))(view_key, sample_ids)
+    if seg is not None:
+      one_seg = lambda k, x, c, s: _one_view(k, x, c, size, scale, blur_prob, solarize_prob, cfg,
+                                             seg=s)
+      return jax.vmap(one_seg)(keys, rgb, companion, seg)
     one = lambda k, x, c: _one_view(k, x, c, size, scale, blur_prob, solarize_prob, cfg)
     return jax.vmap(one)(keys, rgb, companion)
 
@@ -364,7 +378,8 @@ def _check_inputs(rgb_u8, companion):
 
 
 def make_views(key: jax.Array, rgb_u8: jax.Array, companion: jax.Array, cfg: ViewConfig,
-               sample_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+               sample_ids: jax.Array | None = None,
+               seg: jax.Array | None = None) -> dict[str, jax.Array]:
   """Multi-crop views of a batch, synchronised across RGB and companion.
 
   rgb_u8 [B, H, W, 3] uint8; companion [B, H, W] (or [B, H, W, 1]) float32. sample_ids [B]
@@ -372,22 +387,35 @@ def make_views(key: jax.Array, rgb_u8: jax.Array, companion: jax.Array, cfg: Vie
   indices or global positions when calling per shard (shard_map). Returns
     global_rgb [Vg, B, G, G, 3] float32 normalised, global_companion [Vg, B, G, G, 1],
     local_rgb [Vl, B, L, L, 3], local_companion [Vl, B, L, L, 1].
+  With cfg.with_seg, seg [B, H, W] (uint8 labels) is cropped with each view's box and flip
+  (nearest) into global_seg [Vg, B, G, G] and local_seg [Vl, B, L, L] int32.
   """
   comp = _check_inputs(rgb_u8, companion)
+  if cfg.with_seg != (seg is not None):
+    raise ValueError(f'make_views: ViewConfig.with_seg={cfg.with_seg} but seg is '
+                     f'{"missing" if seg is None else "given"}; views.with_seg and the batch\'s '
+                     f"'seg' go together")
+  if seg is not None:
+    if seg.shape != rgb_u8.shape[:3]:
+      raise ValueError(f'seg must be [B, H, W] = {rgb_u8.shape[:3]} like rgb, got {seg.shape}')
+    seg = seg[..., None]
   if sample_ids is None:
     sample_ids = jnp.arange(rgb_u8.shape[0])
   k_global, k_local = jax.random.split(key)
   pick = lambda probs, v: probs[min(v, len(probs) - 1)]
   g_blur = [pick(cfg.global_blur_prob, v) for v in range(cfg.num_global)]
   g_sol = [pick(cfg.global_solarize_prob, v) for v in range(cfg.num_global)]
-  global_rgb, global_comp = _view_set(k_global, rgb_u8, comp, sample_ids, cfg.num_global,
-                                      cfg.global_size, cfg.global_scale, g_blur, g_sol, cfg)
-  local_rgb, local_comp = _view_set(k_local, rgb_u8, comp, sample_ids, cfg.num_local,
-                                    cfg.local_size, cfg.local_scale,
-                                    [cfg.local_blur_prob] * cfg.num_local,
-                                    [cfg.local_solarize_prob] * cfg.num_local, cfg)
-  return {'global_rgb': global_rgb, 'global_companion': global_comp,
-          'local_rgb': local_rgb, 'local_companion': local_comp}
+  global_views = _view_set(k_global, rgb_u8, comp, sample_ids, cfg.num_global,
+                           cfg.global_size, cfg.global_scale, g_blur, g_sol, cfg, seg=seg)
+  local_views = _view_set(k_local, rgb_u8, comp, sample_ids, cfg.num_local,
+                          cfg.local_size, cfg.local_scale,
+                          [cfg.local_blur_prob] * cfg.num_local,
+                          [cfg.local_solarize_prob] * cfg.num_local, cfg, seg=seg)
+  views = {'global_rgb': global_views[0], 'global_companion': global_views[1],
+           'local_rgb': local_views[0], 'local_companion': local_views[1]}
+  if seg is not None:
+    views.update(global_seg=global_views[2], local_seg=local_views[2])
+  return views
 
 
 def clean_view(rgb_u8: jax.Array, companion: jax.Array, size_hw: tuple[int, int],

@@ -39,14 +39,17 @@ def _resize_frame(record: dict[str, Any], height: int, width: int) -> tuple[np.n
 
 
 class _PretrainFrame(grain.transforms.Map):
-  """Record -> the two arrays pretraining needs."""
+  """Record -> the two arrays pretraining needs (+ 'seg' [H, W] uint8, nearest, if with_seg)."""
 
-  def __init__(self, height: int, width: int):
-    self._height, self._width = height, width
+  def __init__(self, height: int, width: int, with_seg: bool = False):
+    self._height, self._width, self._with_seg = height, width, with_seg
 
   def map(self, record):
     rgb, companion = _resize_frame(record, self._height, self._width)
-    return {'rgb': rgb, 'companion': companion}
+    if not self._with_seg:
+      return {'rgb': rgb, 'companion': companion}
+    return {'rgb': rgb, 'companion': companion,
+            'seg': _nearest(record['seg'], (self._height, self._width))}
 
 
 def steps_per_epoch(num_records: int, global_batch_size: int) -> int:
@@ -74,30 +77,37 @@ def _iterate(dataset, data_cfg):
   return iter(iterator)
 
 
-def _training_batches(data_cfg, split: str, frame: grain.transforms.Map, global_batch_size: int,
-                      seed: int, start_step: int, num_steps: int):
-  """Shuffled, repeated, batched; batch i is a pure function of (seed, i)."""
+def _training_batches(data_cfg, split: str,
+                      frame: grain.transforms.Map | grain.transforms.RandomMap,
+                      global_batch_size: int, seed: int, start_step: int, num_steps: int):
+  """Shuffled, repeated, batched; batch i is a pure function of (seed, i). A RandomMap frame
+  draws from a generator seeded by (seed, position in the repeated order)."""
   host_batch = _host_batch(global_batch_size)
   source, records = _host_records(data_cfg, split)
   if len(records) < host_batch:
     raise ValueError(f'{source!r} has {len(records)} records per host, fewer than one '
                      f'batch of {host_batch}')
   epochs = math.ceil(num_steps * host_batch / len(records)) + 1
-  dataset = (records.shuffle(seed=seed).repeat(epochs).map(frame)
-             .batch(host_batch, drop_remainder=True))
+  dataset = records.shuffle(seed=seed).repeat(epochs)
+  if isinstance(frame, grain.transforms.RandomMap):
+    dataset = dataset.random_map(frame, seed=seed)
+  else:
+    dataset = dataset.map(frame)
+  dataset = dataset.batch(host_batch, drop_remainder=True)
   return _iterate(dataset[start_step:num_steps], data_cfg)
 
 
 def pretrain_loader(data_cfg, global_batch_size: int, *, seed: int, start_step: int,
-                    num_steps: int, split: str = 'train') -> Iterator[dict[str, np.ndarray]]:
+                    num_steps: int, split: str = 'train',
+                    with_seg: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's part of batches start_step .. num_steps - 1.
 
   Each element: {'rgb': [b, H, W, 3] uint8, 'companion': [b, H, W] float32} with
-  b = global_batch_size / process_count.
+  b = global_batch_size / process_count; with_seg (views.with_seg) adds 'seg' [b, H, W] uint8.
   """
   height, width = data_cfg.image_size
-  return _training_batches(data_cfg, split, _PretrainFrame(height, width), global_batch_size,
-                           seed, start_step, num_steps)
+  return _training_batches(data_cfg, split, _PretrainFrame(height, width, with_seg),
+                           global_batch_size, seed, start_step, num_steps)
 
 
 # ----------------------------------------------------------------------------- probe views
@@ -262,10 +272,12 @@ def _nearest(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   return image[rows[:, None], cols[None, :]]
 
 
-def probe_train_loader(data_cfg, frame: ProbeFrame, global_batch_size: int, *, seed: int,
-                       start_step: int, num_steps: int) -> Iterator[dict[str, np.ndarray]]:
+def probe_train_loader(data_cfg, frame: ProbeFrame | grain.transforms.RandomMap,
+                       global_batch_size: int, *, seed: int, start_step: int,
+                       num_steps: int) -> Iterator[dict[str, np.ndarray]]:
   """Probe-training batches start_step .. num_steps - 1 of the train split (shuffled per
-  epoch, deterministic per step like pretrain_loader)."""
+  epoch, deterministic per step like pretrain_loader); `frame` may be a random transform
+  (finetune_views.CroppedProbeFrame)."""
   return _training_batches(data_cfg, 'train', frame, global_batch_size, seed, start_step,
                            num_steps)
 

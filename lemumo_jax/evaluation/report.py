@@ -114,8 +114,10 @@ def _write_atomic(path: str, text: str) -> None:
 def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
                  figure_frames: Sequence[Mapping[str, Any]] = (),
                  metadata: Mapping[str, Any] | None = None,
-                 image_hw: tuple[int, int] | None = None) -> dict[str, str]:
-  """report.md + report.json (+ probe_outputs.png when frames are given) in `directory`."""
+                 image_hw: tuple[int, int] | None = None,
+                 title: str = 'Frozen patch probes') -> dict[str, str]:
+  """report.md (headed '# <title>: <method>') + report.json (+ probe_outputs.png when frames
+  are given) in `directory`."""
   os.makedirs(directory, exist_ok=True)
   paths = {'markdown': os.path.join(directory, 'report.md'),
            'json': os.path.join(directory, 'report.json')}
@@ -125,7 +127,7 @@ def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
     save_figure(paths['figure'], figure_frames, metadata, image_hw)
   all_metrics = '\n'.join(f'| {k} | {v:.6g} |' if isinstance(v, (float, int)) and v == v
                           else f'| {k} | n/a |' for k, v in sorted(row.metrics.items()))
-  lines = [f'# Frozen patch probes: {row.method}', '',
+  lines = [f'# {title}: {row.method}', '',
            markdown_table([row]), '',
            'Detection AP in percent (center-distance AP at 0.5/1/2/4 m averaged over thresholds, '
            'then classes; XY = bird\'s-eye ground plane, XZ = forward-vertical plane), Depth MAE '

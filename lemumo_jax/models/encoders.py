@@ -20,6 +20,9 @@ Families:
            branch's (the camera-aligned RGB patch readout of S3 "Patch-readout protocol for
            dual-stream baselines"), and the companion branch's CLS is `companion_cls`, which
            only the pretraining objective reads.
+  'multimae'  MultiMAE baselines (S1; models/multimae.py): per-modality patch embeddings, one
+           ViT over the RGB and companion tokens (masked in pretraining); unmasked for the probes,
+           cls is the global token and patches the RGB tokens' outputs (S3 readout).
 
 Features have `model.width` channels for every family but late_fusion (2 x model.width); the
 probe stage reads the channel count off the encoder's output.
@@ -285,12 +288,18 @@ def _build_dual(cfg: Mapping[str, Any]) -> nn.Module:
                      **_vit_kwargs(cfg))
 
 
+def _build_multimae(cfg: Mapping[str, Any]) -> nn.Module:
+  from lemumo_jax.models import multimae  # pylint: disable=g-import-not-at-top (imports us)
+  return multimae.build_encoder(cfg)
+
+
 _FAMILIES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
     'vit': _build_vit,
     'fusion': _build_fusion,
     'early_fusion': _build_early_fusion,
     'late_fusion': _build_late_fusion,
     'dual': _build_dual,
+    'multimae': _build_multimae,
 }
 
 

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
 
 from lemumo_jax.data import augment, pipeline, sources
-from lemumo_jax.models import ssl
-from lemumo_jax.objectives import infonce, lejepa, vicreg
+from lemumo_jax.models import dino as dino_model
+from lemumo_jax.models import multimae, ssl
+from lemumo_jax.objectives import dino as dino_objective
+from lemumo_jax.objectives import infonce, lejepa, mae, vicreg
 from lemumo_jax.training import progress
 from lemumo_jax.training import state as state_lib
 
@@ -36,10 +35,16 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the run stops before writing another checkpoint."""
 
 
-OBJECTIVES = ('lejepa', 'vicreg', 'infonce')
+OBJECTIVES = ('lejepa', 'vicreg', 'infonce', 'dino', 'mae')
 
 
 def build_model(config: ml_collections.ConfigDict):
+  if config.model.family == 'multimae':
+    # Masked autoencoder with per-task decoders (models/multimae.py): the MultiMAE rows.
+    return multimae.build_model(config)
+  if config.objective.name == 'dino':
+    # Student + EMA teacher heads (models/dino.py): the dinov3 row.
+    return dino_model.DinoModel(encoder_cfg=config.model, dino_cfg=config.dino)
   return ssl.JepaModel(encoder_cfg=config.model, projector_cfg=config.projector,
                        passes=ssl.check_passes(config.objective.passes))
 
@@ -47,6 +52,8 @@ def build_model(config: ml_collections.ConfigDict):
 def build_objective(config: ml_collections.ConfigDict) -> Objective:
   cfg = config.objective
   passes = ssl.check_passes(cfg.passes)
+  if cfg.name == 'mae' or config.model.family == 'multimae':
+    return mae.build_objective(config)  # the MultiMAE rows (objectives/mae.py)
   # The 'dual' encoder's two branches are trained only by the contrastive pairing of their CLS
   # embeddings, and InfoNCE needs the companion embeddings only that encoder returns.
   if (config.model.family == 'dual') != (cfg.name == 'infonce'):
@@ -82,7 +89,40 @@ def build_objective(config: ml_collections.ConfigDict) -> Objective:
       return infonce.infonce_loss(outputs['z_global'], outputs['z_companion_global'],
                                   temperature=temperature)
     return objective
+  if cfg.name == 'dino':
+    return _build_dino_objective(config)
   raise ValueError(f'config.objective.name must be one of {list(OBJECTIVES)}, got {cfg.name!r}')
+
+
+def _build_dino_objective(config: ml_collections.ConfigDict) -> Objective:
+  """DINO + iBOT (objectives/dino.py) on a 'vit' encoder with an EMA teacher (the dinov3 row)."""
+  if tuple(config.objective.passes) != ('joint',):
+    raise ValueError(f"config.objective.passes={list(config.objective.passes)}: the "
+                     f"single-modality passes are a SIGReg ablation (S3); use ('joint',) with "
+                     f"objective.name='dino'")
+  if config.model.family != 'vit':
+    raise ValueError(f"config.model.family={config.model.family!r}: objective.name='dino' "
+                     f"needs the single-ViT family 'vit' (the dinov3 row)")
+  if config.views.num_global < 1 or config.views.num_global + config.views.num_local < 2:
+    raise ValueError(f'config.views: DINO needs >= 1 global view and >= 2 views in all, got '
+                     f'{config.views.num_global} global + {config.views.num_local} local')
+  cfg = config.dino
+  def objective(key, outputs):
+    del key  # the iBOT masks come from the step's 'mask' stream
+    return dino_objective.dino_objective(outputs, student_temp=cfg.student_temp,
+                                         teacher_temp=cfg.teacher_temp,
+                                         ibot_weight=cfg.ibot_weight)
+  return objective
+
+
+def build_teacher_momentum(config: ml_collections.ConfigDict,
+                           total_steps: int) -> optax.Schedule | None:
+  """step -> the EMA teacher's momentum (DINO's cosine from dino.teacher_momentum to
+  dino.final_teacher_momentum), or None for objectives without a teacher."""
+  if config.objective.name != 'dino':
+    return None
+  base, final = float(config.dino.teacher_momentum), float(config.dino.final_teacher_momentum)
+  return lambda step: dino_objective.teacher_momentum(step, total_steps, base, final)
 
 
 def total_train_steps(config: ml_collections.ConfigDict, num_records: int) -> int:
@@ -92,20 +132,42 @@ def total_train_steps(config: ml_collections.ConfigDict, num_records: int) -> in
 
 
 def make_train_step(model, objective: Objective, tx: optax.GradientTransformation,
-                    view_cfg: augment.ViewConfig, schedule: optax.Schedule):
-  """(state, batch, base_key) -> (state, metrics); jit it with the state donated."""
+                    view_cfg: augment.ViewConfig, schedule: optax.Schedule,
+                    teacher_momentum: optax.Schedule | None = None):
+  """(state, batch, base_key) -> (state, metrics); jit it with the state donated.
+
+  A state with an EMA teacher (state_lib.TeacherTrainState: the dinov3 row) first runs the
+  model's `teacher` method on the views with the teacher's params, outside the gradient (its
+  'batch_stats' updates, DINO's centres, carry over to the student's apply); the objective
+  finds its outputs under outputs['teacher']. After the optimizer step the teacher moves to
+  the new params by EMA with momentum `teacher_momentum(step)` (build_teacher_momentum).
+  """
 
   def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
     key = jax.random.fold_in(base_key, state.step)
     view_key, loss_key, mask_key = jax.random.split(key, 3)
-    views = augment.make_views(view_key, batch['rgb'], batch['companion'], view_cfg)
+    views = augment.make_views(view_key, batch['rgb'], batch['companion'], view_cfg,
+                               seg=batch['seg'] if view_cfg.with_seg else None)
+    teacher = state_lib.teacher_of(state)
+    batch_stats_in, teacher_outputs = state.batch_stats, None
+    if teacher is not None:
+      if teacher_momentum is None:
+        raise ValueError('make_train_step: this state has an EMA teacher; pass '
+                         'teacher_momentum=build_teacher_momentum(config, total_steps)')
+      teacher_outputs, teacher_updates = model.apply(
+          {'params': teacher, 'batch_stats': batch_stats_in}, views, mutable=['batch_stats'],
+          method='teacher')
+      teacher_outputs = jax.lax.stop_gradient(teacher_outputs)
+      batch_stats_in = teacher_updates['batch_stats']
 
     def loss_fn(params):
       # 'mask': the stream of models that sample token masks in training (a model that never
       # calls make_rng('mask') ignores it).
-      outputs, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+      outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats_in},
                                      views, train=True, mutable=['batch_stats'],
                                      rngs={'mask': mask_key})
+      if teacher_outputs is not None:
+        outputs = dict(outputs, teacher=teacher_outputs)
       loss, metrics = objective(loss_key, outputs)
       return loss, (metrics, updates['batch_stats'])
 
@@ -118,6 +180,10 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, nonfinite_step=nonfinite)
+    if teacher is not None:
+      momentum = teacher_momentum(state.step)
+      new_state = new_state.replace(teacher_params=state_lib.ema_update(teacher, params, momentum))
+      metrics['teacher_momentum'] = momentum
     return new_state, metrics
 
   return train_step
@@ -125,10 +191,14 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
 
 def _dummy_views(view_cfg: augment.ViewConfig, batch: int, channels: int) -> dict[str, jax.Array]:
   g, l = view_cfg.global_size, view_cfg.local_size
-  return {'global_rgb': jnp.zeros((view_cfg.num_global, batch, g, g, 3)),
-          'global_companion': jnp.zeros((view_cfg.num_global, batch, g, g, channels)),
-          'local_rgb': jnp.zeros((view_cfg.num_local, batch, l, l, 3)),
-          'local_companion': jnp.zeros((view_cfg.num_local, batch, l, l, channels))}
+  views = {'global_rgb': jnp.zeros((view_cfg.num_global, batch, g, g, 3)),
+           'global_companion': jnp.zeros((view_cfg.num_global, batch, g, g, channels)),
+           'local_rgb': jnp.zeros((view_cfg.num_local, batch, l, l, 3)),
+           'local_companion': jnp.zeros((view_cfg.num_local, batch, l, l, channels))}
+  if view_cfg.with_seg:
+    views.update(global_seg=jnp.zeros((view_cfg.num_global, batch, g, g), jnp.int32),
+                 local_seg=jnp.zeros((view_cfg.num_local, batch, l, l), jnp.int32))
+  return views
 
 
 def make_init_state(model, tx: optax.GradientTransformation, view_cfg: augment.ViewConfig,
@@ -137,7 +207,8 @@ def make_init_state(model, tx: optax.GradientTransformation, view_cfg: augment.V
 
   def init_state(key):
     dummy = _dummy_views(view_cfg, 2, companion_channels)
-    return state_lib.create_train_state(model.init(key, dummy, train=False), tx)
+    return state_lib.create_train_state(model.init(key, dummy, train=False), tx,
+                                        with_teacher=getattr(model, 'has_teacher', False))
 
   return init_state
 
@@ -158,7 +229,9 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    for key in ('method', 'model', 'projector', 'objective'):
+    # config.dino is read by the dino objective only (other rows' runs may predate it).
+    dino = ('dino',) if config.objective.name == 'dino' else ()
+    for key in ('method', 'model', 'projector', 'objective') + dino:
       if previous.get(key) != current.get(key):
         raise ValueError(f'{workdir} holds a run with a different config.{key} '
                          f'({previous.get(key)} vs {current.get(key)}); use a new --workdir')
@@ -209,14 +282,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{total_steps} steps of batch {config.train.batch_size} on {mesh.size} device(s)',
         flush=True)
 
-  step_fn = jit_train_step(make_train_step(model, objective, tx, view_cfg, schedule), mesh,
+  step_fn = jit_train_step(make_train_step(model, objective, tx, view_cfg, schedule,
+                                           build_teacher_momentum(config, total_steps)), mesh,
                            state_sharding)
   loader = pipeline.pretrain_loader(config.data, config.train.batch_size, seed=config.seed,
-                                    start_step=start_step, num_steps=total_steps)
+                                    start_step=start_step, num_steps=total_steps,
+                                    with_seg=view_cfg.with_seg)
   writer = progress.metric_writer(workdir)
   history: list[tuple[int, float]] = []
   step = start_step
-  last_time, last_step = time.time(), start_step
+  meter = progress.RateMeter(start_step)
 
   def check_finite():
     bad = int(jax.device_get(state.nonfinite_step))
@@ -230,21 +305,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, metrics = step_fn(state, state_lib.global_batch(mesh, host_batch), step_key)
     step += 1
     if step % config.train.log_every == 0 or step == total_steps:
-      metrics = jax.device_get(metrics)
+      scalars = progress.host_scalars(metrics)
       check_finite()
-      now = time.time()
-      rate = (step - last_step) / max(now - last_time, 1e-9)
-      last_time, last_step = now, step
-      scalars = {k: float(v) for k, v in metrics.items() if v is not None}
+      rate = meter.rate(step)
       scalars['steps_per_sec'] = rate
       scalars['samples_per_sec'] = rate * config.train.batch_size
       writer.write_scalars(step, scalars)
       history.append((step, scalars['loss']))
-      print(f'step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
-            f'(sigreg {scalars.get("sigreg", float("nan")):.4f}, '
-            f'inv {scalars.get("invariance", float("nan")):.4f}) | lr {scalars["lr"]:.2e} | '
+      terms = progress.loss_terms(scalars)
+      print(f'step {step}/{total_steps} | loss {scalars["loss"]:.4f}'
+            f'{f" ({terms})" if terms else ""} | lr {scalars["lr"]:.2e} | '
             f'{rate:.2f} steps/s, {rate * config.train.batch_size:.1f} samples/s | '
-            f'ETA {progress.format_eta((total_steps - step) / max(rate, 1e-9))}', flush=True)
+            f'ETA {progress.eta(total_steps - step, rate)}', flush=True)
     if step % config.train.checkpoint_every == 0 or step == total_steps:
       check_finite()
       manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)
@@ -253,7 +325,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   check_finite()
   if step < total_steps:
     raise RuntimeError(f'the data loader stopped at step {step} of {total_steps}')
-  encoder_params = state.params['encoder']
+  # With an EMA teacher (DINO) the teacher's backbone is the exported encoder, DINO's convention.
+  teacher = state_lib.teacher_of(state)
+  encoder_params = (state.params if teacher is None else teacher)['encoder']
   export_path = state_lib.export_encoder(workdir, encoder_params, config, step)
   print(f'Pretraining done: {step} steps; checkpoints in {manager.directory}; encoder '
         f'exported to {export_path}', flush=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from typing import Any
 
 import jax
@@ -40,7 +39,7 @@ from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.data.schema import IGNORE_LABEL
 from lemumo_jax.evaluation import centernet, metrics, report
 from lemumo_jax.models import encoders, probes
-from lemumo_jax.training import progress
+from lemumo_jax.training import pretrained, progress
 from lemumo_jax.training import state as state_lib
 
 OCCUPANCY_FOCAL_GAMMA = 2.0
@@ -122,10 +121,11 @@ def probe_dirname(probe_cfg: ml_collections.ConfigDict) -> str:
   return 'probe' if probe_cfg.encoder == 'pretrained' else 'probe_random'
 
 
-def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str) -> None:
+def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str,
+                config_key: str = 'probe.heads') -> None:
   unknown = sorted(set(heads) - set(probes.HEADS))
   if unknown or not heads:
-    raise ValueError(f'config.probe.heads={list(heads)}: choose one or more of '
+    raise ValueError(f'config.{config_key}={list(heads)}: choose one or more of '
                      f'{list(probes.HEADS)}')
   needs = {'centernet3d': 'classes_3d', 'centernet2d': 'classes_2d', 'seg': 'seg_classes',
            'occupancy': 'classes_2d'}
@@ -134,7 +134,7 @@ def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str)
     if key and not metadata.get(key):
       raise ValueError(f'probe head {head!r} needs {key} in the dataset metadata '
                        f'({data_dir or "synthetic"}), which has none; drop it from '
-                       f'config.probe.heads')
+                       f'config.{config_key}')
 
 
 def training_data_label(model_cfg, companion: str) -> str:
@@ -148,8 +148,9 @@ def training_data_label(model_cfg, companion: str) -> str:
 def _load_encoder(config: ml_collections.ConfigDict, workdir: str, image_hw):
   """(module, params, model cfg, description) of the frozen encoder."""
   if config.probe.encoder == 'pretrained':
-    directory = config.probe.encoder_dir or state_lib.encoder_dir(workdir)
-    module, params, model_cfg = state_lib.load_encoder(directory)
+    directory = pretrained.resolve_dir(config.probe.encoder_dir, 'probe.encoder_dir', workdir)
+    module, params, model_cfg = pretrained.load_encoder(directory, config.model,
+                                                        'probe.encoder_dir')
     return module, params, model_cfg, f'pretrained ({directory})'
   module = encoders.build_encoder(config.model)
   channels = config.model.companion_channels
@@ -159,7 +160,7 @@ def _load_encoder(config: ml_collections.ConfigDict, workdir: str, image_hw):
   return module, params, config.model, f'random init (seed {config.seed}), frozen'
 
 
-def _to_host(tree):
+def to_host(tree):
   """Global arrays -> numpy on this host (all hosts' rows on multi-host runs)."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
@@ -329,7 +330,7 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
 # ------------------------------------------------------------------------------------- loop
 
 
-def _fmt_val(values: dict[str, Any]) -> str:
+def fmt_val(values: dict[str, Any]) -> str:
   parts = [f'loss {values["loss"]:.4f}']
   for key, label, scale, digits in (('mAP_XY', 'mAP XY', 100, 1), ('depth_MAE', 'Depth MAE', 1, 3),
                                     ('mAP_XZ', 'mAP XZ', 100, 1), ('seg_mIoU', 'mIoU', 1, 3),
@@ -403,7 +404,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     start_step = int(jax.device_get(state.step))
     print(f'Resuming probes from step {start_step} in {manager.directory}', flush=True)
-  best = _read_best(probe_dir)
+  best = read_best(probe_dir)
 
   view_cfg = augment.ViewConfig.from_config(config.views)
   train_step, eval_step = make_probe_steps(encoder, heads_module, tx, view_cfg, schedule)
@@ -423,13 +424,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for host_batch in pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size):
       batch = state_lib.global_batch(mesh, host_batch)
       losses, preds = eval_step(eval_state, encoder_params, batch)
-      evaluator.update(*_to_host((losses, preds, batch)))
+      evaluator.update(*to_host((losses, preds, batch)))
     return evaluator.result(), evaluator.figure_frames
 
   writer = progress.metric_writer(probe_dir)
   history, val_history = [], []
   step = start_step
-  last_time, last_step = time.time(), start_step
+  meter = progress.RateMeter(start_step)
   loader = pipeline.probe_train_loader(config.data, frame, probe_cfg.batch_size,
                                        seed=config.seed + 1, start_step=start_step,
                                        num_steps=total_steps)
@@ -437,18 +438,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, step_metrics = train_step(state, encoder_params, state_lib.global_batch(mesh, host_batch))
     step += 1
     if step % probe_cfg.log_every == 0 or step == total_steps:
-      step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      step_metrics, rate = log_train_step(writer, meter, step, step_metrics, history)
       _check_finite(state, step, probe_dir)
-      now = time.time()
-      rate = (step - last_step) / max(now - last_time, 1e-9)
-      last_time, last_step = now, step
-      writer.write_scalars(step, {f'train/{k}': v for k, v in step_metrics.items()}
-                           | {'train/steps_per_sec': rate})
-      history.append((step, step_metrics['loss']))
-      per_head = ', '.join(f'{h} {step_metrics[h]:.3f}' for h in heads)
-      print(f'probe step {step}/{total_steps} | loss {step_metrics["loss"]:.4f} ({per_head}) | '
-            f'lr {step_metrics["lr"]:.2e} | {rate:.2f} steps/s | '
-            f'ETA {progress.format_eta((total_steps - step) / max(rate, 1e-9))}', flush=True)
+      print(f'probe step {step}/{total_steps} | loss {step_metrics["loss"]:.4f} '
+            f'({progress.loss_terms(step_metrics, heads)}) | lr {step_metrics["lr"]:.2e} | '
+            f'{rate:.2f} steps/s | ETA {progress.eta(total_steps - step, rate)}', flush=True)
     if step % probe_cfg.val_every == 0 or step == total_steps:
       _check_finite(state, step, probe_dir)
       values, _ = evaluate(state)
@@ -456,8 +450,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
       improved = best is None or values['loss'] < best['metrics']['loss']
       if improved:
-        best = _save_best(probe_dir, step, state, values)
-      print(f'val @ {step}: {_fmt_val(values)}{"  [best]" if improved else ""}', flush=True)
+        best = save_best(probe_dir, step, state, values)
+      print(f'val @ {step}: {fmt_val(values)}{"  [best]" if improved else ""}', flush=True)
     if step % probe_cfg.checkpoint_every == 0 or step == total_steps:
       manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)
   manager.wait_until_finished()
@@ -466,9 +460,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise RuntimeError(f'the probe data loader stopped at step {step} of {total_steps}')
   if best is None:  # a finished run resumed with best/ deleted: validate the final state
     values, _ = evaluate(state)
-    best = _save_best(probe_dir, step, state, values)
+    best = save_best(probe_dir, step, state, values)
 
-  best_state = _restore_best(probe_dir, best, state, state_sharding)
+  best_state = restore_best(probe_dir, best, state, state_sharding)
   values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
   row = report.ReportRow(
       method=config.method + (' encoder frozen' if probe_cfg.encoder == 'random' else ''),
@@ -486,6 +480,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'report': paths['markdown'], 'history': history, 'val_history': val_history}
 
 
+def log_train_step(writer, meter: progress.RateMeter, step: int, metrics,
+                   history: list[tuple[int, float]]) -> tuple[dict[str, float], float]:
+  """A logged train step of the probe / fine-tune loops: (metrics as floats, steps/s); writes
+  them as train/<name> scalars with train/steps_per_sec and appends (step, loss) to history."""
+  scalars = progress.host_scalars(metrics)
+  rate = meter.rate(step)
+  writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()}
+                       | {'train/steps_per_sec': rate})
+  history.append((step, scalars['loss']))
+  return scalars, rate
+
+
 def _check_finite(state, step: int, probe_dir: str) -> None:
   bad = int(jax.device_get(state.nonfinite_step))
   if bad >= 0:
@@ -493,7 +499,7 @@ def _check_finite(state, step: int, probe_dir: str) -> None:
                              f'{step}, {probe_dir}); lower config.probe.lr')
 
 
-def _read_best(probe_dir: str) -> dict[str, Any] | None:
+def read_best(probe_dir: str) -> dict[str, Any] | None:
   path = os.path.join(probe_dir, 'best', 'best.json')
   if not os.path.exists(path):
     return None
@@ -501,7 +507,7 @@ def _read_best(probe_dir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _save_best(probe_dir: str, step: int, state, values: dict[str, Any]) -> dict[str, Any]:
+def save_best(probe_dir: str, step: int, state, values: dict[str, Any]) -> dict[str, Any]:
   """Writes best/params_<step> (Orbax), then best.json naming it (atomic rename), then removes
   older params: a kill at any point leaves a best.json that names complete params."""
   best_dir = os.path.join(probe_dir, 'best')
@@ -520,7 +526,7 @@ def _save_best(probe_dir: str, step: int, state, values: dict[str, Any]) -> dict
   return best
 
 
-def _restore_best(probe_dir: str, best: dict[str, Any], state, state_sharding):
+def restore_best(probe_dir: str, best: dict[str, Any], state, state_sharding):
   target = {'params': state.params, 'batch_stats': state.batch_stats}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           target)

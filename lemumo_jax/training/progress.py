@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -19,3 +22,37 @@ def metric_writer(directory: str):
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncMultiWriter(
       [metric_writers.SummaryWriter(os.path.join(directory, 'tensorboard'))])
+
+
+# The objective terms a pretraining progress line shows beside the loss, when the objective
+# reports them (LeJEPA, VICReg, InfoNCE, DINO + iBOT, MultiMAE).
+LOSS_TERMS = ('sigreg', 'invariance', 'variance', 'covariance', 'dino', 'ibot', 'recon_rgb',
+              'recon_companion', 'seg_ce')
+
+
+class RateMeter:
+  """Steps per second between successive readings, for progress lines."""
+
+  def __init__(self, step: int):
+    self._time, self._step = time.time(), step
+
+  def rate(self, step: int) -> float:
+    """Steps per second since the previous reading (or construction); resets the clock."""
+    now = time.time()
+    rate = (step - self._step) / max(now - self._time, 1e-9)
+    self._time, self._step = now, step
+    return rate
+
+
+def eta(remaining_steps: int, rate: float) -> str:
+  return format_eta(remaining_steps / max(rate, 1e-9))
+
+
+def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """A step's metrics (device arrays; None entries dropped) -> Python floats."""
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items() if v is not None}
+
+
+def loss_terms(scalars: Mapping[str, float], names: tuple[str, ...] = LOSS_TERMS) -> str:
+  """'sigreg 1.2345, invariance 0.1234' for the names present, or ''."""
+  return ', '.join(f'{name} {scalars[name]:.4f}' for name in names if name in scalars)

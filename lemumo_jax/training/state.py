@@ -28,6 +28,19 @@ class TrainState:
   nonfinite_step: jax.Array    # int32 scalar: first step whose loss was NaN/Inf, -1 if none
 
 
+@flax.struct.dataclass
+class TeacherTrainState(TrainState):
+  """TrainState plus an EMA teacher (the dinov3 row): `teacher_params`, a tree like `params`
+  that the step updates by EMA after the optimizer step. A subclass rather than an optional
+  field, so every other model's state tree and checkpoints stay exactly TrainState's."""
+  teacher_params: Any
+
+
+def teacher_of(state: TrainState) -> Any:
+  """The EMA teacher's params, or None for a state without a teacher."""
+  return state.teacher_params if isinstance(state, TeacherTrainState) else None
+
+
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   """1-D mesh over all (global) devices; the batch is sharded on 'data'."""
   devices = jax.devices() if devices is None else devices
@@ -74,11 +87,21 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> op
   return optax.chain(*parts)
 
 
-def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,
+                       with_teacher: bool = False) -> TrainState:
+  """with_teacher: a TeacherTrainState whose teacher starts as a copy of the params (DINO)."""
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
+  fields = dict(step=jnp.zeros((), jnp.int32), params=params,
+                batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                nonfinite_step=jnp.full((), -1, jnp.int32))
+  if with_teacher:
+    return TeacherTrainState(teacher_params=jax.tree.map(jnp.copy, params), **fields)
+  return TrainState(**fields)
+
+
+def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
+  """teacher <- momentum * teacher + (1 - momentum) * student, leaf by leaf."""
+  return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
 
 
 def checkpoint_manager(workdir: str, train_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:

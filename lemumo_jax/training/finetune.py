@@ -1,0 +1,359 @@
+"""End-to-end fine-tuning (mode=finetune; paper S1 "End-to-end FLIR fine-tuning").
+
+An exported encoder (config.finetune.encoder_dir, e.g. a Waymo run's) and a detection decoder
+(models/decoder.py: 3 x 3x3 Conv(512) layers, the last the CenterNet adapter, then the 2D
+CenterNet head) train together; unlike the probe stage the encoder's params are updated.
+Schedule (S1): AdamW, weight decay 0.05, encoder lr 2e-5 and decoder lr 2e-4
+(optax.multi_transform), each warmed up linearly over the first 5% of the steps from 1% of
+its lr, then cosine-decayed to 1e-7. Train views are random-resized crops, area scale
+[0.8, 1.0], of the frame (data/finetune_views.py; boxes follow the crop); validation runs
+every finetune.val_every steps on the clean probe view (probe.image_size) with the probe
+stage's targets, losses, evaluator and report. The best validation (finetune.select_by) is
+kept, and training stops early after finetune.patience validations without a new best.
+
+Files under <workdir>/finetune: config.json (what a resumed run must match), checkpoints/
+(Orbax, resumable), best/ (best encoder + decoder params, best.json), tensorboard/,
+report.md, report.json, probe_outputs.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from lemumo_jax.data import augment, finetune_views, pipeline, sources
+from lemumo_jax.evaluation import report
+from lemumo_jax.models import decoder
+from lemumo_jax.training import pretrained, probe, progress
+from lemumo_jax.training import state as state_lib
+
+GROUPS = ('encoder', 'head')   # param groups, each with its own learning rate
+SELECT_BY = ('loss', 'mAP50')  # lowest loss, highest mAP50
+# Changing these between a run and its resumption changes nothing that was computed.
+_RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'patience')
+
+
+# -------------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(peak: float, total_steps: int,
+                           ft: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from peak * warmup_init_fraction to peak over warmup_fraction of the
+  steps, then cosine decay to end_lr at total_steps."""
+  warmup = max(int(round(ft.warmup_fraction * total_steps)), 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=peak * ft.warmup_init_fraction, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=ft.end_lr)
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matrices and convolution kernels only, as in pretraining."""
+  def decays(path, leaf):
+    return leaf.ndim >= 2 and str(getattr(path[-1], 'key', path[-1])) == 'kernel'
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(ft: ml_collections.ConfigDict, total_steps: int):
+  """(tx, {'encoder': schedule, 'head': schedule}) for params {'encoder': ..., 'head': ...}."""
+  schedules = {group: learning_rate_schedule(ft[f'{group}_lr'], total_steps, ft)
+               for group in GROUPS}
+  tx = optax.multi_transform(
+      {group: optax.adamw(schedules[group], b1=0.9, b2=0.999, weight_decay=ft.weight_decay,
+                          mask=_decay_mask) for group in GROUPS},
+      lambda params: {group: jax.tree.map(lambda _, g=group: g, params[group])
+                      for group in params})
+  if ft.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(ft.grad_clip), tx)
+  return tx, schedules
+
+
+# ---------------------------------------------------------------------- selection, stopping
+
+
+def is_better(values: dict[str, Any], best: dict[str, Any] | None, select_by: str) -> bool:
+  """Whether a validation beats the best so far (strictly; a missing value never wins)."""
+  if best is None:
+    return True
+  new, old = values.get(select_by), best['metrics'].get(select_by)
+  if new is None or not np.isfinite(new):
+    return False
+  if old is None or not np.isfinite(old):
+    return True
+  return new < old if select_by == 'loss' else new > old
+
+
+def stale_validations(step: int, best_step: int | None, val_every: int) -> int:
+  """Validations (at multiples of val_every) after the best one, up to and including step."""
+  if best_step is None or step <= best_step:
+    return 0
+  return step // val_every - best_step // val_every
+
+
+# ------------------------------------------------------------------------------------ steps
+
+
+def make_train_step(encoder, heads_module, tx, view_cfg: augment.ViewConfig,
+                    schedules: dict[str, optax.Schedule]):
+  """train_step(state, batch) -> (state, metrics): one AdamW step on encoder and decoder."""
+  heads = tuple(heads_module.heads)
+
+  def train_step(state, batch):
+    rgb = augment.normalize(batch['rgb'].astype(jnp.float32) / 255.0, view_cfg)
+    companion = batch['companion'].astype(jnp.float32)[..., None]
+
+    def loss_fn(params):
+      # train=False: the encoder sees every token (no pretraining-time token masking).
+      patches = encoder.apply({'params': params['encoder']}, rgb, companion,
+                              train=False).patches
+      outputs, updates = heads_module.apply(
+          {'params': params['head'], 'batch_stats': state.batch_stats}, patches, train=True,
+          mutable=['batch_stats'])
+      losses = probe.probe_losses(outputs, batch, heads)
+      return losses['loss'], (losses, updates.get('batch_stats', {}))
+
+    (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1,
+                          state.nonfinite_step)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, nonfinite_step=nonfinite)
+    metrics = dict(losses, grad_norm=optax.global_norm(grads),
+                   encoder_grad_norm=optax.global_norm(grads['encoder']),
+                   **{f'lr_{g}': schedules[g](state.step) for g in GROUPS})
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(encoder, heads_module, view_cfg: augment.ViewConfig):
+  """eval_step(state, batch) -> (per-example losses, predictions): the probe stage's."""
+  _, probe_eval = probe.make_probe_steps(encoder, heads_module, None, view_cfg, None)
+
+  def eval_step(state, batch):
+    return probe_eval(state.replace(params=state.params['head']), state.params['encoder'],
+                      batch)
+
+  return eval_step
+
+
+# ------------------------------------------------------------------------------------- loop
+
+
+def _check_run_config(finetune_dir: str, config: ml_collections.ConfigDict,
+                      encoder_dir: str) -> None:
+  """Writes finetune/config.json on a fresh run; a resumed one must match it."""
+  ft = {k: v for k, v in config.finetune.to_dict().items()
+        if k not in (*_RESUMABLE_KEYS, 'encoder_dir')}
+  current = json.loads(json.dumps(
+      {'encoder_dir': encoder_dir, 'model': config.model.to_dict(), 'finetune': ft,
+       'probe.image_size': config.probe.image_size, 'data': config.data.to_dict()},
+      default=list))
+  path = os.path.join(finetune_dir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    for key, value in current.items():
+      if previous.get(key) != value:
+        raise ValueError(f'{finetune_dir} holds a fine-tuning run with a different {key} '
+                         f'({previous.get(key)} vs {value}); use a new --workdir')
+  elif jax.process_index() == 0:
+    os.makedirs(finetune_dir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(current, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def _check_finite(state, step: int, finetune_dir: str) -> None:
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    raise FloatingPointError(f'fine-tuning loss became NaN/Inf at step {bad} (checked at step '
+                             f'{step}, {finetune_dir}); lower config.finetune.encoder_lr / '
+                             f'head_lr or set config.finetune.grad_clip')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Fine-tunes encoder + decoder, keeps the best validation, writes the report.
+
+  Returns {'metrics': the best validation's metrics, 'best_step', 'finetune_dir', 'report',
+  'best_params_dir', 'stopped_early_at' (a step or None), 'history': [(step, train loss)],
+  'val_history': [(step, val loss)]}.
+  """
+  workdir = os.path.abspath(workdir)
+  ft, probe_cfg = config.finetune, config.probe
+  finetune_dir = os.path.join(workdir, 'finetune')
+  if ft.select_by not in SELECT_BY:
+    raise ValueError(f'config.finetune.select_by must be one of {SELECT_BY}, got '
+                     f'{ft.select_by!r}')
+  if ft.val_every < 1 or ft.patience < 1:
+    raise ValueError(f'config.finetune.val_every={ft.val_every} and patience={ft.patience} '
+                     f'must be >= 1')
+  metadata = sources.dataset_metadata(config.data)
+  heads = tuple(ft.heads)
+  probe.check_heads(heads, metadata, config.data.data_dir, config_key='finetune.heads')
+  encoder_dir = pretrained.resolve_dir(ft.encoder_dir, 'finetune.encoder_dir', workdir)
+  encoder, encoder_params, model_cfg = pretrained.load_encoder(encoder_dir, config.model,
+                                                               'finetune.encoder_dir')
+  _check_run_config(finetune_dir, config, encoder_dir)
+  image_hw = tuple(int(v) for v in probe_cfg.image_size)
+  geometry = pipeline.ProbeGeometry.create(image_hw, int(model_cfg['patch_size']),
+                                           probe_cfg.seg_size)
+  num_classes = {key: len(metadata.get(key, ())) for key in ('classes_3d', 'classes_2d',
+                                                             'seg_classes')}
+  frame = pipeline.ProbeFrame(geometry, heads, num_classes['classes_3d'],
+                              num_classes['classes_2d'], probe_cfg.max_objects,
+                              probe_cfg.max_gt_boxes)
+  train_frame = finetune_views.CroppedProbeFrame(frame, ft.crop_scale, ft.crop_ratio)
+  heads_module = decoder.DecoderHeads(
+      heads=heads, num_classes_3d=num_classes['classes_3d'],
+      num_classes_2d=num_classes['classes_2d'], num_seg_classes=num_classes['seg_classes'],
+      seg_size=geometry.seg_hw, num_layers=ft.decoder_layers, hidden=ft.decoder_hidden,
+      occupancy_hidden=probe_cfg.occupancy_hidden)
+
+  num_train = int(metadata['splits']['train'])
+  num_val = int(metadata['splits']['val'])
+  total_steps = (int(ft.num_steps) if ft.num_steps > 0 else
+                 ft.num_epochs * pipeline.steps_per_epoch(num_train, ft.batch_size))
+  tx, schedules = make_optimizer(ft, total_steps)
+  mesh = state_lib.make_mesh()
+  if ft.batch_size % mesh.size:
+    raise ValueError(f'config.finetune.batch_size={ft.batch_size} is not divisible by the '
+                     f'{mesh.size} devices of the mesh')
+  replicated = state_lib.replicated(mesh)
+  channels = int(model_cfg['companion_channels'])
+  width = jax.eval_shape(
+      lambda p: encoder.apply({'params': p}, jnp.zeros((1, *image_hw, 3)),
+                              jnp.zeros((1, *image_hw, channels)), train=False).patches,
+      encoder_params).shape[-1]
+
+  def init_state(key, encoder_params):
+    head = heads_module.init(key, jnp.zeros((1, *geometry.grid_hw, width)), train=False)
+    return state_lib.create_train_state(
+        {'params': {'encoder': encoder_params, 'head': head['params']},
+         'batch_stats': head.get('batch_stats', {})}, tx)
+
+  init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  abstract_state = jax.eval_shape(init_state, init_key, encoder_params)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  manager = state_lib.checkpoint_manager(finetune_dir, ml_collections.ConfigDict(dict(
+      checkpoint_every=ft.checkpoint_every, keep_checkpoints=2)))
+  state = state_lib.restore_latest(manager, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_sharding))
+  if state is None:
+    state = jax.jit(init_state, out_shardings=state_sharding)(init_key, encoder_params)
+    start_step = 0
+  else:
+    start_step = int(jax.device_get(state.step))
+    print(f'Resuming fine-tuning from step {start_step} in {manager.directory}', flush=True)
+  del encoder_params  # the state holds (and trains) them
+  best = probe.read_best(finetune_dir)
+
+  view_cfg = augment.ViewConfig.from_config(config.views)
+  data_sharding = state_lib.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(encoder, heads_module, tx, view_cfg, schedules),
+                       in_shardings=(state_sharding, data_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(encoder, heads_module, view_cfg),
+                      in_shardings=(state_sharding, data_sharding))
+  counts = {g: sum(x.size for x in jax.tree.leaves(state.params[g])) / 1e6 for g in GROUPS}
+  print(f'fine-tuning a {model_cfg["family"]} encoder ({encoder_dir}, {counts["encoder"]:.2f}M '
+        f'params) + a {ft.decoder_layers}-layer decoder and heads {list(heads)} '
+        f'({counts["head"]:.2f}M): {total_steps} steps of batch {ft.batch_size}, lr '
+        f'{ft.encoder_lr:g} / {ft.head_lr:g}, crops of scale {tuple(ft.crop_scale)} -> '
+        f'{image_hw[0]}x{image_hw[1]}; validation on {num_val} clean views every '
+        f'{ft.val_every} steps, patience {ft.patience}', flush=True)
+
+  def evaluate(eval_state, num_figure_frames=0):
+    evaluator = probe.ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
+    for host_batch in pipeline.probe_eval_loader(config.data, frame, ft.batch_size):
+      batch = state_lib.global_batch(mesh, host_batch)
+      evaluator.update(*probe.to_host((*eval_step(eval_state, batch), batch)))
+    return evaluator.result(), evaluator.figure_frames
+
+  def stale(at_step):
+    return stale_validations(at_step, best['step'] if best else None, ft.val_every)
+
+  writer = progress.metric_writer(finetune_dir)
+  history, val_history = [], []
+  step = start_step
+  stopped = stale(step) >= ft.patience
+  if stopped:
+    print(f'Fine-tuning stopped early at step {step} in an earlier run ({ft.patience} '
+          f'validations without a new best {ft.select_by})', flush=True)
+  meter = progress.RateMeter(start_step)
+  loader = () if stopped else pipeline.probe_train_loader(
+      config.data, train_frame, ft.batch_size, seed=config.seed + 2, start_step=start_step,
+      num_steps=total_steps)
+  for host_batch in loader:
+    state, step_metrics = train_step(state, state_lib.global_batch(mesh, host_batch))
+    step += 1
+    if step % ft.log_every == 0 or step == total_steps:
+      step_metrics, rate = probe.log_train_step(writer, meter, step, step_metrics, history)
+      _check_finite(state, step, finetune_dir)
+      print(f'finetune step {step}/{total_steps} | loss {step_metrics["loss"]:.4f} '
+            f'({progress.loss_terms(step_metrics, heads)}) | lr {step_metrics["lr_encoder"]:.2e}'
+            f' / {step_metrics["lr_head"]:.2e} | {rate:.2f} steps/s, '
+            f'{rate * ft.batch_size:.1f} samples/s | ETA {progress.eta(total_steps - step, rate)}',
+            flush=True)
+    if step % ft.val_every == 0 or step == total_steps:
+      _check_finite(state, step, finetune_dir)
+      values, _ = evaluate(state)
+      val_history.append((step, values['loss']))
+      writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
+      improved = is_better(values, best, ft.select_by)
+      if improved:
+        best = probe.save_best(finetune_dir, step, state, values)
+      stopped = stale(step) >= ft.patience
+      note = '  [best]' if improved else f'  ({stale(step)}/{ft.patience} without a new best)'
+      print(f'val @ {step}: {probe.fmt_val(values)}{note}', flush=True)
+    if step % ft.checkpoint_every == 0 or step == total_steps or stopped:
+      manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps or stopped)
+    if stopped:
+      print(f'Early stop at step {step}: {ft.patience} validations without a new best '
+            f'{ft.select_by} (best at step {best["step"]})', flush=True)
+      break
+  manager.wait_until_finished()
+  writer.flush()
+  if step < total_steps and not stopped:
+    raise RuntimeError(f'the fine-tuning data loader stopped at step {step} of {total_steps}')
+  stopped_at = step if stopped and step < total_steps else None
+  if best is None:  # a finished run resumed with best/ deleted: validate the final state
+    values, _ = evaluate(state)
+    best = probe.save_best(finetune_dir, step, state, values)
+
+  best_state = probe.restore_best(finetune_dir, best, state, state_sharding)
+  values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
+  row = report.ReportRow(
+      method=f'{config.method} fine-tuned',
+      training_data=probe.training_data_label(model_cfg, metadata.get('companion', 'depth')),
+      metrics=values)
+  paths = report.write_report(
+      finetune_dir, row, details={
+          'encoder': f'fine-tuned from {encoder_dir}', 'best_step': best['step'],
+          'total_steps': total_steps, 'stopped_early_at': stopped_at,
+          'select_by': ft.select_by, 'heads': list(heads),
+          'decoder': f'{ft.decoder_layers} layers x {ft.decoder_hidden}',
+          'lr': {'encoder': ft.encoder_lr, 'head': ft.head_lr},
+          'train_crop_scale': list(ft.crop_scale), 'eval_view': list(image_hw),
+          'patch_grid': list(geometry.grid_hw),
+          'dataset': metadata.get('dataset', config.data.name), 'val_frames': num_val},
+      figure_frames=figure_frames, metadata=metadata, image_hw=image_hw,
+      title='End-to-end fine-tuning')
+  print(report.markdown_table([row]), flush=True)
+  print(f'Fine-tuning report: {paths["markdown"]} (figure {paths.get("figure", "none")})',
+        flush=True)
+  return {'metrics': values, 'best_step': best['step'], 'finetune_dir': finetune_dir,
+          'report': paths['markdown'],
+          'best_params_dir': os.path.join(finetune_dir, 'best', best['params_dir']),
+          'stopped_early_at': stopped_at, 'history': history,
+          'val_history': val_history}

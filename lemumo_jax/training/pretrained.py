@@ -1,0 +1,67 @@
+"""Finding and checking an exported encoder for the stages that load one (probe, finetune).
+
+An exported encoder (state.export_encoder) is a directory with Orbax params and
+encoder_config.json, which holds the model config it was pretrained with. Loading it into a
+run checks that config against the run's config.model, so a transfer from another dataset's
+run (Waymo -> FLIR) uses the same architecture the row names, or fails saying what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from lemumo_jax.training import state as state_lib
+
+
+def resolve_dir(value: str | None, key: str, workdir: str) -> str:
+  """The encoder directory config.<key> names; '' is <workdir>/encoder, None (the transfer and
+  finetune regimes' placeholder) is an error."""
+  if value is None:
+    raise ValueError(f'config.{key} is not set: this regime loads an encoder pretrained in '
+                     f'another run; pass --config.{key}=<that run\'s workdir>/encoder')
+  return os.path.abspath(value) if value else state_lib.encoder_dir(workdir)
+
+
+def _as_json(tree: Any) -> Any:
+  return json.loads(json.dumps(tree, default=list))  # tuples -> lists, as exported
+
+
+# Keys that choose how the encoder computes, not what it is: the exported encoder keeps its own
+# (a bf16-pretrained encoder probed in a float32 config runs in bf16; both layer-0 kernels are
+# tested equal), so they may differ without error.
+COMPUTE_ONLY_KEYS = frozenset({'dtype', 'layer0_impl'})
+
+
+def model_mismatches(exported: dict[str, Any],
+                     model_cfg: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """{key: (exported value, config.model value)} over the architecture keys both configs have
+  (COMPUTE_ONLY_KEYS are not compared)."""
+  current = _as_json(model_cfg.to_dict())
+  keys = (set(exported) & set(current)) - COMPUTE_ONLY_KEYS
+  return {k: (exported[k], current[k]) for k in sorted(keys) if exported[k] != current[k]}
+
+
+def load_encoder(directory: str, model_cfg: ml_collections.ConfigDict, key: str):
+  """(module, params, exported model config) of the encoder in `directory`.
+
+  Raises FileNotFoundError when it holds no exported encoder and ValueError when its model
+  config differs from `model_cfg` (config.model) in any key both have.
+  """
+  meta_path = os.path.join(directory, 'encoder_config.json')
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(
+        f'{meta_path} not found (config.{key}={directory!r}): pretrain first, or point '
+        f'config.{key} at the encoder/ directory a pretraining run exported')
+  with open(meta_path) as f:
+    exported = json.load(f)['model']
+  diffs = model_mismatches(exported, model_cfg)
+  if diffs:
+    listed = ', '.join(f'model.{k}: encoder {a!r} vs config {b!r}' for k, (a, b) in diffs.items())
+    raise ValueError(f'the encoder in {directory} was pretrained with a different model config '
+                     f'than this run\'s config.model ({listed}); use the row it was pretrained '
+                     f'as, or set those config.model values')
+  return state_lib.load_encoder(directory)
