@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic
+from configs import common, synthetic
 from conftest import tiny_config
 from lemumo_jax.models import encoders
 from lemumo_jax.objectives import infonce
@@ -253,8 +253,9 @@ def test_bad_passes_and_vicreg_three_pass_are_errors():
     pretrain.build_objective(config)
 
 
-@pytest.mark.parametrize('row', NEW_ROWS)
-def test_row_pretrains_then_probes(tmp_path, row):
+@pytest.mark.parametrize('row', common.method_names())
+def test_every_row_pretrains_then_probes(tmp_path, row):
+  """Every paper row of configs/common.py METHODS: a few steps of THE loop, then the probes."""
   config = tiny_config(row, num_steps=2)
   summary = pretrain.train(config, str(tmp_path))
   assert summary['final_step'] == 2
