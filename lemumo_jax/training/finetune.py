@@ -54,20 +54,13 @@ def learning_rate_schedule(peak: float, total_steps: int,
       decay_steps=max(total_steps, warmup + 1), end_value=ft.end_lr)
 
 
-def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices and convolution kernels only, as in pretraining."""
-  def decays(path, leaf):
-    return leaf.ndim >= 2 and str(getattr(path[-1], 'key', path[-1])) == 'kernel'
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
 def make_optimizer(ft: ml_collections.ConfigDict, total_steps: int):
   """(tx, {'encoder': schedule, 'head': schedule}) for params {'encoder': ..., 'head': ...}."""
   schedules = {group: learning_rate_schedule(ft[f'{group}_lr'], total_steps, ft)
                for group in GROUPS}
   tx = optax.multi_transform(
       {group: optax.adamw(schedules[group], b1=0.9, b2=0.999, weight_decay=ft.weight_decay,
-                          mask=_decay_mask) for group in GROUPS},
+                          mask=state_lib.decay_mask) for group in GROUPS},
       lambda params: {group: jax.tree.map(lambda _, g=group: g, params[group])
                       for group in params})
   if ft.grad_clip > 0:
@@ -121,12 +114,7 @@ def make_train_step(encoder, heads_module, tx, view_cfg: augment.ViewConfig,
 
     (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1,
-                          state.nonfinite_step)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, nonfinite_step=nonfinite)
+    new_state = state_lib.apply_gradients(state, tx, grads, loss, batch_stats)
     metrics = dict(losses, grad_norm=optax.global_norm(grads),
                    encoder_grad_norm=optax.global_norm(grads['encoder']),
                    **{f'lr_{g}': schedules[g](state.step) for g in GROUPS})

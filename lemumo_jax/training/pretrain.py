@@ -173,16 +173,12 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss),
-                          state.step + 1, state.nonfinite_step)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, nonfinite_step=nonfinite)
+    new_state = state_lib.apply_gradients(state, tx, grads, loss, batch_stats)
     if teacher is not None:
       momentum = teacher_momentum(state.step)
-      new_state = new_state.replace(teacher_params=state_lib.ema_update(teacher, params, momentum))
+      new_state = new_state.replace(
+          teacher_params=state_lib.ema_update(teacher, new_state.params, momentum))
       metrics['teacher_momentum'] = momentum
     return new_state, metrics
 

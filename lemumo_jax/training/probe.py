@@ -297,12 +297,7 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
 
     (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1,
-                          state.nonfinite_step)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, nonfinite_step=nonfinite)
+    new_state = state_lib.apply_gradients(state, tx, grads, loss, batch_stats)
     return new_state, dict(losses, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
 
   def eval_step(state, encoder_params, batch):

@@ -69,7 +69,7 @@ def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: in
       decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.final_lr_fraction)
 
 
-def _decay_mask(params: Any) -> Any:
+def decay_mask(params: Any) -> Any:
   """Weight decay on matrices and convolution kernels only (not biases, norms, tokens)."""
   def decays(path, leaf):
     name = str(path[-1].key) if hasattr(path[-1], 'key') else str(path[-1])
@@ -83,7 +83,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> op
   if optim_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                           weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
+                           weight_decay=optim_cfg.weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
 
@@ -97,6 +97,18 @@ def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformati
   if with_teacher:
     return TeacherTrainState(teacher_params=jax.tree.map(jnp.copy, params), **fields)
   return TrainState(**fields)
+
+
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: Any,
+                    loss: jax.Array, batch_stats: Any) -> TrainState:
+  """One optimizer step of any stage's state: params updated by tx, step + 1, the new
+  batch_stats, and the first step whose loss was NaN/Inf recorded in nonfinite_step."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  nonfinite = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step + 1,
+                        state.nonfinite_step)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state, nonfinite_step=nonfinite)
 
 
 def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
