@@ -156,9 +156,7 @@ def _check_run_config(finetune_dir: str, config: ml_collections.ConfigDict,
                          f'({previous.get(key)} vs {value}); use a new --workdir')
   elif jax.process_index() == 0:
     os.makedirs(finetune_dir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(current, f, indent=2)
-    os.replace(path + '.tmp', path)
+    state_lib.write_json_atomic(path, current)
 
 
 def _check_finite(state, step: int, finetune_dir: str) -> None:

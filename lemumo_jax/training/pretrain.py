@@ -233,9 +233,7 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
                          f'({previous.get(key)} vs {current.get(key)}); use a new --workdir')
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(current, f, indent=2)
-    os.replace(path + '.tmp', path)
+    state_lib.write_json_atomic(path, current)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -167,13 +167,6 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _atomic_json(path: str, payload: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f, indent=2, default=float)
-  os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------- evaluation
 
 
@@ -514,7 +507,7 @@ def save_best(probe_dir: str, step: int, state, values: dict[str, Any]) -> dict[
   best = {'step': int(step), 'params_dir': name,
           'metrics': {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}}
   if jax.process_index() == 0:
-    _atomic_json(os.path.join(best_dir, 'best.json'), best)
+    state_lib.write_json_atomic(os.path.join(best_dir, 'best.json'), best)
     for entry in os.listdir(best_dir):
       if entry.startswith('params_') and entry != name:
         shutil.rmtree(os.path.join(best_dir, entry), ignore_errors=True)

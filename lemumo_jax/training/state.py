@@ -116,6 +116,14 @@ def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
   return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
 
 
+def write_json_atomic(path: str, payload: Any) -> None:
+  """Writes JSON to path.tmp, then renames it over path: readers never see half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(payload, f, indent=2, default=float)
+  os.replace(tmp, path)
+
+
 def checkpoint_manager(workdir: str, train_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=train_cfg.checkpoint_every, max_to_keep=train_cfg.keep_checkpoints,
