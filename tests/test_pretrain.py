@@ -175,8 +175,8 @@ def test_kill_and_rerun_resumes_from_last_checkpoint(python_env, tmp_path):
   resumed = subprocess.run(command(killed), cwd=REPO, env=python_env, capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'Resuming from checkpoint at step' in resumed.stdout
-  resumed_at = int(resumed.stdout.split('Resuming from checkpoint at step ')[1].split()[0])
+  assert 'Resuming pretraining from step' in resumed.stdout
+  resumed_at = int(resumed.stdout.split('Resuming pretraining from step ')[1].split()[0])
   assert 10 <= resumed_at < steps
   unbroken = subprocess.run(command(tmp_path / 'unbroken'), cwd=REPO, env=python_env,
                             capture_output=True, text=True, timeout=600)

@@ -232,15 +232,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   manager = state_lib.checkpoint_manager(finetune_dir, ml_collections.ConfigDict(dict(
       checkpoint_every=ft.checkpoint_every, keep_checkpoints=2)))
-  state = state_lib.restore_latest(manager, jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-      state_sharding))
-  if state is None:
-    state = jax.jit(init_state, out_shardings=state_sharding)(init_key, encoder_params)
-    start_step = 0
-  else:
-    start_step = int(jax.device_get(state.step))
-    print(f'Resuming fine-tuning from step {start_step} in {manager.directory}', flush=True)
+  state, start_step = state_lib.restore_or_init(manager, init_state, (init_key, encoder_params),
+                                                state_sharding, 'fine-tuning')
   del encoder_params  # the state holds (and trains) them
   best = probe.read_best(finetune_dir)
 

@@ -261,16 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   abstract_state = jax.eval_shape(init_state, init_key)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   manager = state_lib.checkpoint_manager(workdir, config.train)
-  abstract_sharded = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-      state_sharding)
-  state = state_lib.restore_latest(manager, abstract_sharded)
-  if state is None:
-    state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
-    start_step = 0
-  else:
-    start_step = int(jax.device_get(state.step))
-    print(f'Resuming from checkpoint at step {start_step} in {manager.directory}', flush=True)
+  state, start_step = state_lib.restore_or_init(manager, init_state, (init_key,),
+                                                state_sharding, 'pretraining')
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.method}: {num_params / 1e6:.2f}M params, {num_records} train records, '
         f'{total_steps} steps of batch {config.train.batch_size} on {mesh.size} device(s)',

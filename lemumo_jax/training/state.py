@@ -140,6 +140,22 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
+def restore_or_init(manager: ocp.CheckpointManager, init_fn, init_args: tuple,
+                    state_sharding: Any, what: str) -> tuple[TrainState, int]:
+  """(state, start step): the latest checkpoint in `manager` placed with `state_sharding`,
+  else `init_fn(*init_args)` jitted onto those shardings at step 0. `what` names the loop in
+  the resume line ('pretraining', 'probes', 'fine-tuning')."""
+  abstract_state = jax.eval_shape(init_fn, *init_args)
+  state = restore_latest(manager, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_sharding))
+  if state is None:
+    return jax.jit(init_fn, out_shardings=state_sharding)(*init_args), 0
+  start_step = int(jax.device_get(state.step))
+  print(f'Resuming {what} from step {start_step} in {manager.directory}', flush=True)
+  return state, start_step
+
+
 def encoder_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'encoder')
 
