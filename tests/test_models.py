@@ -326,3 +326,30 @@ def test_projector_batchnorm_train_and_eval():
   np.testing.assert_allclose(proj.apply(new_vars, x[:2], train=False), z_eval[:2], atol=1e-5)
   z_train_2 = proj.apply(new_vars, x[:2], train=True, mutable=['batch_stats'])[0]
   assert np.abs(np.asarray(z_train_2) - np.asarray(z_train[:2])).max() > 1e-2
+
+
+@pytest.mark.parametrize('family', [dict(family='fusion'), dict(family='vit', inputs='companion'),
+                                    dict(family='early_fusion'), dict(family='late_fusion'),
+                                    dict(family='dual'), dict(family='multimae')],
+                         ids=lambda f: '_'.join(f.values()))
+def test_companion_valid_channel_is_what_the_stem_reads(family):
+  # model.companion_valid: every family's companion stem reads [companion, companion != 0].
+  # The same params through a plain two-channel model fed that stack by hand must agree.
+  cfg = dict(TINY, **family)
+  with_valid = dict(cfg, companion_valid=True)
+  params = init_params(with_valid)
+  rgb, companion = make_inputs(32)
+  sparse = jnp.where(jax.random.uniform(jax.random.PRNGKey(3), companion.shape) < 0.7, 0.0,
+                     jnp.abs(companion))
+  stacked = jnp.concatenate([sparse, (sparse != 0).astype(sparse.dtype)], axis=-1)
+  apply = lambda c, r, comp: encoders.build_encoder(c).apply(params, r, comp, train=False)
+  got = apply(with_valid, rgb, sparse)
+  want = apply(dict(cfg, companion_channels=2), rgb, stacked)
+  flat = lambda f: np.concatenate([np.ravel(x) for x in jax.tree.leaves(f)])
+  np.testing.assert_allclose(flat(got), flat(want), atol=1e-6, rtol=0)
+  # And the valid channel reaches the output (the companion CLS for 'dual', whose patches are
+  # the RGB branch's): a zero second channel gives something else.
+  without = apply(dict(cfg, companion_channels=2), rgb, jnp.concatenate(
+      [sparse, jnp.zeros_like(sparse)], axis=-1))
+  assert np.abs(flat(got) - flat(without)).max() > 1e-3
+  np.testing.assert_array_equal(encoders.companion_stem_input(sparse, False), sparse)

@@ -66,29 +66,46 @@ def _check_pair(rgb: jax.Array, companion: jax.Array, companion_channels: int) -
     raise ValueError(f'rgb {rgb.shape} and companion {companion.shape} differ in [B, H, W]')
 
 
+def companion_stem_input(companion: jax.Array, valid_channel: bool) -> jax.Array:
+  """What a companion patch stem reads: the map [B, H, W, C] and, with valid_channel
+  (model.companion_valid), one more channel that is 1 where any companion channel is non-zero
+  (a LiDAR return) and 0 elsewhere. A linear stem sees a sparse depth patch as a weighted sum of
+  its returns, so a few near returns and many far ones can look alike; with the count beside
+  the sum the patch's mean depth becomes linearly readable. Crops resize the companion with
+  'nearest' by default, which keeps the no-return zeros exact."""
+  if not valid_channel:
+    return companion
+  valid = jnp.any(companion != 0, axis=-1, keepdims=True).astype(companion.dtype)
+  return jnp.concatenate([companion, valid], axis=-1)
+
+
 class ViTEncoder(vit.ViT):
   """The 'vit' family: a ViT over one input (params at the top level, timm's layout)."""
   inputs: str = 'rgb'
   companion_channels: int = 1
+  companion_valid: bool = False
 
   def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
     del train  # no dropout / drop-path
     _check_pair(rgb, companion, self.companion_channels)
     if self.inputs not in VIT_INPUTS:
       raise ValueError(f'model.inputs must be one of {list(VIT_INPUTS)}, got {self.inputs!r}')
-    cls, patches = self.encode(rgb if self.inputs == 'rgb' else companion)
+    cls, patches = self.encode(rgb if self.inputs == 'rgb' else
+                               companion_stem_input(companion, self.companion_valid))
     return Features(cls=cls, patches=patches)
 
 
 class EarlyFusionEncoder(vit.ViT):
   """The 'early_fusion' family: one ViT over [rgb | companion] stacked on channels (timm layout;
-  patch_embed.proj takes 3 + companion_channels input channels)."""
+  patch_embed.proj takes 3 + companion_channels (+ 1 with companion_valid) input channels)."""
   companion_channels: int = 1
+  companion_valid: bool = False
 
   def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
     del train  # no dropout / drop-path
     _check_pair(rgb, companion, self.companion_channels)
-    cls, patches = self.encode(jnp.concatenate([rgb, companion.astype(rgb.dtype)], axis=-1))
+    companion = companion_stem_input(companion.astype(rgb.dtype), self.companion_valid)
+    cls, patches = self.encode(jnp.concatenate([rgb, companion], axis=-1))
     return Features(cls=cls, patches=patches)
 
 
@@ -104,6 +121,7 @@ class LateFusionEncoder(nn.Module):
   num_heads: int                     # per branch
   mlp_ratio: float = 4.0
   companion_channels: int = 1
+  companion_valid: bool = False
   dtype: Any = jnp.float32
   family_name = 'late_fusion'        # class attribute (not a field): the name in errors
 
@@ -121,7 +139,8 @@ class LateFusionEncoder(nn.Module):
     del train  # no dropout / drop-path
     _check_pair(rgb, companion, self.companion_channels)
     rgb_cls, rgb_patches = self.rgb_encoder.encode(rgb)
-    comp_cls, comp_patches = self.companion_encoder.encode(companion)
+    comp_cls, comp_patches = self.companion_encoder.encode(
+        companion_stem_input(companion, self.companion_valid))
     return Features(cls=jnp.concatenate([rgb_cls, comp_cls], axis=-1),
                     patches=jnp.concatenate([rgb_patches, comp_patches], axis=-1))
 
@@ -137,7 +156,8 @@ class DualEncoder(LateFusionEncoder):
     del train  # no dropout / drop-path
     _check_pair(rgb, companion, self.companion_channels)
     rgb_cls, rgb_patches = self.rgb_encoder.encode(rgb)
-    comp_cls, _ = self.companion_encoder.encode(companion)
+    comp_cls, _ = self.companion_encoder.encode(
+        companion_stem_input(companion, self.companion_valid))
     return Features(cls=rgb_cls, patches=rgb_patches, companion_cls=comp_cls)
 
 
@@ -156,6 +176,7 @@ class FusionEncoder(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   companion_channels: int = 1
+  companion_valid: bool = False
   fusion_mode: str = 'pruned'        # routing.FUSION_MODES
   # LAYER0_IMPLS. Pruned mode only: persistent routing keeps the C/M outputs of layer 0, which
   # the structured computation never forms, so it always runs the masked reference.
@@ -194,7 +215,8 @@ class FusionEncoder(nn.Module):
     batch, h, w, width = camera.shape
     n = h * w
     camera = camera.reshape(batch, n, width)
-    modality = self.companion_embed(companion).reshape(batch, n, width)
+    modality = self.companion_embed(
+        companion_stem_input(companion, self.companion_valid)).reshape(batch, n, width)
     grid = vit.base_grid(self.img_size, self.patch_size)
     pos = vit.resize_grid_tokens(self.pos_embed[:, 1:], grid, (h, w))
     fusion = vit.resize_grid_tokens(self.fusion_tokens, grid, (h, w))
@@ -252,6 +274,12 @@ def _img_size(cfg: Mapping[str, Any]):
   return size if isinstance(size, int) else tuple(size)  # json round-trips tuples as lists
 
 
+def companion_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The companion-input fields of every family that reads the companion."""
+  return dict(companion_channels=int(cfg.get('companion_channels', 1)),
+              companion_valid=bool(cfg.get('companion_valid', False)))
+
+
 def _vit_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
   """The fields every transformer family shares."""
   return dict(img_size=_img_size(cfg), patch_size=int(_get(cfg, 'patch_size')),
@@ -261,31 +289,27 @@ def _vit_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _build_vit(cfg: Mapping[str, Any]) -> nn.Module:
-  return ViTEncoder(inputs=_choice(cfg, 'inputs', VIT_INPUTS, 'rgb'),
-                    companion_channels=int(cfg.get('companion_channels', 1)), **_vit_kwargs(cfg))
+  return ViTEncoder(inputs=_choice(cfg, 'inputs', VIT_INPUTS, 'rgb'), **companion_kwargs(cfg),
+                    **_vit_kwargs(cfg))
 
 
 def _build_fusion(cfg: Mapping[str, Any]) -> nn.Module:
   mode = _choice(cfg, 'fusion_mode', routing.FUSION_MODES, 'pruned')
   impl = _choice(cfg, 'layer0_impl', LAYER0_IMPLS, 'structured')
-  return FusionEncoder(fusion_mode=mode, layer0_impl=impl,
-                       companion_channels=int(cfg.get('companion_channels', 1)),
+  return FusionEncoder(fusion_mode=mode, layer0_impl=impl, **companion_kwargs(cfg),
                        **_vit_kwargs(cfg))
 
 
 def _build_early_fusion(cfg: Mapping[str, Any]) -> nn.Module:
-  return EarlyFusionEncoder(companion_channels=int(cfg.get('companion_channels', 1)),
-                            **_vit_kwargs(cfg))
+  return EarlyFusionEncoder(**companion_kwargs(cfg), **_vit_kwargs(cfg))
 
 
 def _build_late_fusion(cfg: Mapping[str, Any]) -> nn.Module:
-  return LateFusionEncoder(companion_channels=int(cfg.get('companion_channels', 1)),
-                           **_vit_kwargs(cfg))
+  return LateFusionEncoder(**companion_kwargs(cfg), **_vit_kwargs(cfg))
 
 
 def _build_dual(cfg: Mapping[str, Any]) -> nn.Module:
-  return DualEncoder(companion_channels=int(cfg.get('companion_channels', 1)),
-                     **_vit_kwargs(cfg))
+  return DualEncoder(**companion_kwargs(cfg), **_vit_kwargs(cfg))
 
 
 def _build_multimae(cfg: Mapping[str, Any]) -> nn.Module:

@@ -215,6 +215,7 @@ class MultiMaeEncoder(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   companion_channels: int = 1
+  companion_valid: bool = False      # the stem's extra 'has a return' channel (not a target)
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -234,7 +235,8 @@ class MultiMaeEncoder(nn.Module):
     camera = self.patch_embed(rgb)
     batch, h, w, width = camera.shape
     camera = camera.reshape(batch, h * w, width).astype(jnp.float32)
-    modality = self.companion_embed(companion).reshape(batch, h * w, width).astype(jnp.float32)
+    modality = self.companion_embed(encoders.companion_stem_input(
+        companion, self.companion_valid)).reshape(batch, h * w, width).astype(jnp.float32)
     grid = vit.base_grid(self.img_size, self.patch_size)
     pos = vit.resize_grid_tokens(jnp.asarray(sincos_pos_embed(grid, self.width)), grid, (h, w))
     x = jnp.concatenate([camera + pos + self.camera_type_embed,
@@ -266,7 +268,7 @@ class MultiMaeEncoder(nn.Module):
 
 
 def build_encoder(cfg: Mapping[str, Any]) -> MultiMaeEncoder:
-  return MultiMaeEncoder(companion_channels=int(cfg.get('companion_channels', 1)),
+  return MultiMaeEncoder(**encoders.companion_kwargs(cfg),
                          **encoders._vit_kwargs(cfg))  # pylint: disable=protected-access
 
 
