@@ -228,12 +228,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
          'batch_stats': head.get('batch_stats', {})}, tx)
 
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  abstract_state = jax.eval_shape(init_state, init_key, encoder_params)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   manager = state_lib.checkpoint_manager(finetune_dir, ml_collections.ConfigDict(dict(
       checkpoint_every=ft.checkpoint_every, keep_checkpoints=2)))
-  state, start_step = state_lib.restore_or_init(manager, init_state, (init_key, encoder_params),
-                                                state_sharding, 'fine-tuning')
+  state, start_step, state_sharding = state_lib.restore_or_init(
+      manager, init_state, (init_key, encoder_params), replicated, 'fine-tuning')
   del encoder_params  # the state holds (and trains) them
   best = probe.read_best(finetune_dir)
 

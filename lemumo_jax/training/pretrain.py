@@ -258,11 +258,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   init_state = make_init_state(model, tx, view_cfg, config.model.companion_channels)
   root_key = jax.random.PRNGKey(config.seed)
   init_key, step_key = jax.random.split(root_key)
-  abstract_state = jax.eval_shape(init_state, init_key)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   manager = state_lib.checkpoint_manager(workdir, config.train)
-  state, start_step = state_lib.restore_or_init(manager, init_state, (init_key,),
-                                                state_sharding, 'pretraining')
+  state, start_step, state_sharding = state_lib.restore_or_init(
+      manager, init_state, (init_key,), replicated, 'pretraining')
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.method}: {num_params / 1e6:.2f}M params, {num_records} train records, '
         f'{total_steps} steps of batch {config.train.batch_size} on {mesh.size} device(s)',

@@ -380,12 +380,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return state_lib.create_train_state(heads_module.init(key, dummy, train=False), tx)
 
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  abstract_state = jax.eval_shape(init_state, init_key)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   manager = state_lib.checkpoint_manager(probe_dir, ml_collections.ConfigDict(dict(
       checkpoint_every=probe_cfg.checkpoint_every, keep_checkpoints=2)))
-  state, start_step = state_lib.restore_or_init(manager, init_state, (init_key,),
-                                                state_sharding, 'probes')
+  state, start_step, state_sharding = state_lib.restore_or_init(
+      manager, init_state, (init_key,), replicated, 'probes')
   best = read_best(probe_dir)
 
   view_cfg = augment.ViewConfig.from_config(config.views)

@@ -141,19 +141,20 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
 
 
 def restore_or_init(manager: ocp.CheckpointManager, init_fn, init_args: tuple,
-                    state_sharding: Any, what: str) -> tuple[TrainState, int]:
-  """(state, start step): the latest checkpoint in `manager` placed with `state_sharding`,
-  else `init_fn(*init_args)` jitted onto those shardings at step 0. `what` names the loop in
-  the resume line ('pretraining', 'probes', 'fine-tuning')."""
+                    sharding: jax.sharding.Sharding, what: str) -> tuple[TrainState, int, Any]:
+  """(state, start step, state shardings) with every leaf placed by `sharding`: the latest
+  checkpoint in `manager`, else `init_fn(*init_args)` jitted at step 0. The shardings tree is
+  what the loop's jitted steps take. `what` names the loop in the resume line ('pretraining',
+  'probes', 'fine-tuning')."""
   abstract_state = jax.eval_shape(init_fn, *init_args)
+  state_sharding = jax.tree.map(lambda _: sharding, abstract_state)
   state = restore_latest(manager, jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-      state_sharding))
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state))
   if state is None:
-    return jax.jit(init_fn, out_shardings=state_sharding)(*init_args), 0
+    return jax.jit(init_fn, out_shardings=state_sharding)(*init_args), 0, state_sharding
   start_step = int(jax.device_get(state.step))
   print(f'Resuming {what} from step {start_step} in {manager.directory}', flush=True)
-  return state, start_step
+  return state, start_step, state_sharding
 
 
 def encoder_dir(workdir: str) -> str:
