@@ -10,13 +10,6 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 
-def pytest_collection_modifyitems(config, items):
-  """Slow end-to-end tests first (stable otherwise), so pytest-xdist's workers start on the
-  minutes-long ones and finish on short ones instead of one worker idling behind the other."""
-  del config
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
-
-
 def tiny_config(method: str = 'lemumo', **train):
   """configs/synthetic.py shrunk further: 48x64 frames, 32 px global / 16 px local crops."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
