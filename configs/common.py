@@ -248,7 +248,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Frozen patch probes (S3): deterministic clean views, all heads trained at once.
   c.probe = ml_collections.ConfigDict({
-      'encoder': 'pretrained',     # 'pretrained' | 'random' (Table 1 "encoder frozen" rows)
+      # 'pretrained' | 'random' (Table 1 "encoder frozen" rows) | 'raw' (no encoder: the probes
+      # read the view's pixels cut into the patch grid, the no-representation reference)
+      'encoder': 'pretrained',
       'encoder_dir': '',           # default: <workdir>/encoder
       'image_size': (640, 640),    # clean probe view (H, W)
       'seg_size': (224, 224),      # the segmentation probe's output resolution

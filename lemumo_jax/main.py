@@ -4,7 +4,8 @@ Config values are overridden on the command line (`--config.train.batch_size=8`)
 key is an error. `config.mode` selects what runs:
   pretrain         self-supervised pretraining; exports <workdir>/encoder
   probe            frozen patch probes on <workdir>/encoder (or config.probe.encoder_dir; or a
-                   frozen random encoder with config.probe.encoder=random) -> report.md
+                   frozen random encoder with config.probe.encoder=random; or no encoder,
+                   the raw input patches, with config.probe.encoder=raw) -> report.md
   pretrain_probe   both, in order (the synthetic default)
   finetune         end-to-end fine-tuning of an exported encoder (config.finetune.encoder_dir,
                    default <workdir>/encoder) with a detection decoder -> <workdir>/finetune

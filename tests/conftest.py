@@ -1,13 +1,27 @@
 """Shared test helpers: a tiny end-to-end config (seconds per step on a CPU)."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+# One on-disk XLA compilation cache for the whole run, shared by the pytest-xdist workers and
+# every subprocess they start (they inherit the environment): many tests compile the same tiny
+# programs (a rerun resuming, a probe on the same encoder). Set here, before any test module
+# imports jax, by the first process to load this file (the xdist controller), and removed by it
+# at exit. A cache entry is keyed by the program and the jax/XLA version and flags, so a hit
+# runs exactly what a fresh compile would.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lemumo_jax_xla_cache_')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 def tiny_config(method: str = 'lemumo', **train):

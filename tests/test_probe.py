@@ -1,5 +1,5 @@
 """Probe heads (S3 shapes), probe losses vs float64 numpy, probe views/targets, the probe stage
-end to end (report, figure, resume, random-encoder control, 4 devices)."""
+end to end (report, figure, resume, random-encoder control, raw input patches, 4 devices)."""
 
 import json
 import subprocess
@@ -312,6 +312,23 @@ def test_probe_stage_end_to_end(tmp_path):
       'lemumo encoder frozen')
 
 
+def test_input_patches_cut_the_view_into_the_patch_grid():
+  """probe.encoder='raw': cell (i, j) holds its p x p block of [rgb, companion, has-a-return]."""
+  from lemumo_jax.models import encoders  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rgb = rng.normal(size=(2, 16, 24, 3)).astype(np.float32)
+  companion = (rng.random((2, 16, 24, 1)) * (rng.random((2, 16, 24, 1)) < 0.3)).astype(np.float32)
+  features = encoders.InputPatches(8).apply({}, rgb, companion, train=False)
+  pixels = np.concatenate([rgb, companion, (companion != 0).astype(np.float32)], -1)
+  assert features.patches.shape == (2, 2, 3, 8 * 8 * 5)
+  for i, j in ((0, 0), (1, 2)):
+    np.testing.assert_array_equal(features.patches[:, i, j],
+                                  pixels[:, 8 * i:8 * i + 8, 8 * j:8 * j + 8].reshape(2, -1))
+  np.testing.assert_allclose(features.cls, np.asarray(features.patches).mean((1, 2)), atol=1e-6)
+  with pytest.raises(ValueError, match='multiple of the patch size 8'):
+    encoders.InputPatches(8).apply({}, rgb[:, :12], companion[:, :12], train=False)
+
+
 def test_probe_needs_an_encoder_and_valid_heads(tmp_path):
   config = tiny_config()
   with pytest.raises(FileNotFoundError, match='pretrain first'):
@@ -321,8 +338,19 @@ def test_probe_needs_an_encoder_and_valid_heads(tmp_path):
   with pytest.raises(ValueError, match='lanes'):
     probe.run(config, str(tmp_path))
   config.probe.encoder = 'imagenet'
-  with pytest.raises(ValueError, match="'pretrained' or 'random'"):
+  with pytest.raises(ValueError, match="'pretrained', 'random' or 'raw'"):
     probe.run(config, str(tmp_path))
+
+
+def test_raw_input_patches_reference(tmp_path):
+  """probe.encoder='raw' needs no encoder: its own directory and report row."""
+  config = tiny_config()
+  config.probe.update(encoder='raw', heads=('centernet3d', 'depth'), num_steps=2, val_every=2)
+  result = probe.run(config, str(tmp_path))
+  assert result['probe_dir'] == str(tmp_path / 'probe_raw')
+  payload = json.loads((tmp_path / 'probe_raw' / 'report.json').read_text())
+  assert payload['method'] == 'lemumo raw input patches' and payload['training_data'] == 'none'
+  assert 0 < result['metrics']['depth_MAE'] < 80 and 'mAP_XY' in result['metrics']
 
 
 def test_flir_style_heads(tmp_path):

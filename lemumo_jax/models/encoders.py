@@ -79,6 +79,32 @@ def companion_stem_input(companion: jax.Array, valid_channel: bool) -> jax.Array
   return jnp.concatenate([companion, valid], axis=-1)
 
 
+class InputPatches(nn.Module):
+  """No encoder: the probe view's own pixels, cut into the encoder's patch grid.
+
+  patches [B, H/p, W/p, p*p*(3 + C + 1)]: each cell holds its p x p block of normalised RGB,
+  the companion map and the 'has a return' channel of `companion_stem_input`, in row-major
+  (row, col, channel) order; cls is the mean cell. probe.encoder='raw' probes this, the
+  no-representation reference that bounds what a probe reads from the sensors alone. It has
+  no parameters.
+  """
+  patch_size: int
+  companion_channels: int = 1
+
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+    del train
+    _check_pair(rgb, companion, self.companion_channels)
+    x = jnp.concatenate([rgb, companion_stem_input(companion, True)], -1).astype(jnp.float32)
+    b, h, w, c = x.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f'raw input patches: the {h}x{w} view is not a multiple of the patch '
+                       f'size {p}')
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = x.reshape(b, h // p, w // p, p * p * c)
+    return Features(cls=patches.mean((1, 2)), patches=patches)
+
+
 class ViTEncoder(vit.ViT):
   """The 'vit' family: a ViT over one input (params at the top level, timm's layout)."""
   inputs: str = 'rgb'

@@ -1,11 +1,12 @@
 """The frozen-patch-probe stage (paper section 4.1 and S3): every head trained at once.
 
 The encoder exported by pretraining (or, for Table 1's "encoder frozen" rows, the same
-architecture at its random initialisation) is frozen; its patch grid feeds the probe heads
-(models/probes.py). Inputs are deterministic clean views (probe.image_size, no crop, flip or
-colour). The heads train with AdamW for probe.num_epochs, are validated on the full val split
-every probe.val_every steps, and the validation with the lowest total probe loss is kept:
-its params are saved and its metrics are the reported numbers.
+architecture at its random initialisation; or, with probe.encoder='raw', no encoder at all: the
+view's own pixels cut into the patch grid, encoders.InputPatches) is frozen; its patch grid feeds
+the probe heads (models/probes.py). Inputs are deterministic clean views (probe.image_size, no
+crop, flip or colour). The heads train with AdamW for probe.num_epochs, are validated on the
+full val split every probe.val_every steps, and the validation with the lowest total probe loss
+is kept: its params are saved and its metrics are the reported numbers.
 
 Losses, per head:
   centernet3d  CenterNet focal heatmap loss + L1 on offset, log size, log depth, (sin, cos) yaw
@@ -15,9 +16,9 @@ Losses, per head:
   occupancy    focal-reweighted BCE-with-logits + soft Dice + 0.1 x consistency between the
                'any object' channel and the max over the class channels
 
-Files under <workdir>/probe (probe_random for the random-encoder control): checkpoints/ (Orbax,
-resumable like pretraining), best/ (best params + best.json), tensorboard/, report.md,
-report.json, probe_outputs.png.
+Files under <workdir>/probe (probe_random for the random-encoder control, probe_raw for the raw
+input patches): checkpoints/ (Orbax, resumable like pretraining), best/ (best params +
+best.json), tensorboard/, report.md, report.json, probe_outputs.png.
 """
 
 from __future__ import annotations
@@ -114,11 +115,16 @@ def probe_losses(outputs: dict[str, Any], batch: dict[str, jax.Array],
 # ----------------------------------------------------------------------------------- set-up
 
 
+# config.probe.encoder -> (the probe stage's directory under the workdir, the report row's suffix)
+ENCODERS = {'pretrained': ('probe', ''), 'random': ('probe_random', ' encoder frozen'),
+            'raw': ('probe_raw', ' raw input patches')}
+
+
 def probe_dirname(probe_cfg: ml_collections.ConfigDict) -> str:
-  if probe_cfg.encoder not in ('pretrained', 'random'):
-    raise ValueError(f"config.probe.encoder must be 'pretrained' or 'random', got "
+  if probe_cfg.encoder not in ENCODERS:
+    raise ValueError(f"config.probe.encoder must be 'pretrained', 'random' or 'raw', got "
                      f'{probe_cfg.encoder!r}')
-  return 'probe' if probe_cfg.encoder == 'pretrained' else 'probe_random'
+  return ENCODERS[probe_cfg.encoder][0]
 
 
 def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str,
@@ -138,7 +144,9 @@ def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str,
 
 
 def training_data_label(model_cfg, companion: str) -> str:
-  """The paper's "Training Data" column: modalities the encoder saw."""
+  """The paper's "Training Data" column: modalities the encoder saw (None: no encoder)."""
+  if model_cfg is None:
+    return 'none'
   other = {'depth': 'Depth', 'thermal': 'Thermal'}.get(companion, companion)
   if model_cfg['family'] == 'vit':
     return 'RGB' if model_cfg['inputs'] == 'rgb' else other
@@ -152,6 +160,10 @@ def _load_encoder(config: ml_collections.ConfigDict, workdir: str, image_hw):
     module, params, model_cfg = pretrained.load_encoder(directory, config.model,
                                                         'probe.encoder_dir')
     return module, params, model_cfg, f'pretrained ({directory})'
+  if config.probe.encoder == 'raw':
+    module = encoders.InputPatches(int(config.model.patch_size),
+                                   int(config.model.companion_channels))
+    return module, {}, config.model, 'none: raw input patches (RGB, companion, has-a-return)'
   module = encoders.build_encoder(config.model)
   channels = config.model.companion_channels
   params = jax.jit(lambda key: module.init(
@@ -393,7 +405,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_step = jax.jit(eval_step, in_shardings=(state_sharding, replicated, data_sharding))
   num_probe_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f'probes {list(heads)} on a frozen {model_cfg["family"]} encoder, {encoder_desc}: '
+  source = (encoder_desc if probe_cfg.encoder == 'raw' else
+            f'a frozen {model_cfg["family"]} encoder, {encoder_desc}')
+  print(f'probes {list(heads)} on {source}: '
         f'{num_probe_params / 1e6:.2f}M probe params, {image_hw[0]}x{image_hw[1]} clean views '
         f'-> {geometry.grid_hw[0]}x{geometry.grid_hw[1]} patches; {total_steps} steps of batch '
         f'{probe_cfg.batch_size}, validation on {num_val} frames every {probe_cfg.val_every} '
@@ -445,8 +459,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   best_state = restore_best(probe_dir, best, state, state_sharding)
   values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
   row = report.ReportRow(
-      method=config.method + (' encoder frozen' if probe_cfg.encoder == 'random' else ''),
-      training_data=training_data_label(model_cfg, metadata.get('companion', 'depth')),
+      method=config.method + ENCODERS[probe_cfg.encoder][1],
+      training_data=training_data_label(None if probe_cfg.encoder == 'raw' else model_cfg,
+                                        metadata.get('companion', 'depth')),
       metrics=values)
   paths = report.write_report(
       probe_dir, row, details={
