@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
       'num_train': 0,             # synthetic only
       'num_val': 0,               # synthetic only
       'seed': 0,                  # synthetic only: which scenes
+      # synthetic only: objects' distance along the road (metres). The default keeps objects
+      # within the range a 96 x 128 view resolves (data/synthetic.py OBJECT_RANGE).
+      'object_range': (4.0, 30.0),
       'num_threads': 4,           # grain read threads
       'prefetch': 4,
       'num_workers': 0,           # grain worker processes (0: threads only)

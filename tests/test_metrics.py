@@ -269,3 +269,29 @@ def test_depth_mae_pools_pixels_over_frames():
   assert metric.result() == pytest.approx(expected, rel=1e-12)
   assert metric.result() != pytest.approx(np.mean([e.mean() for e in errors]), rel=1e-3)
   assert np.isnan(metrics.DepthMAE().result())
+
+
+def test_feature_variance_matches_the_two_way_decomposition():
+  rng = np.random.default_rng(0)
+  frames, h, w, d = 10, 3, 4, 5
+  x = (3.0 * rng.normal(size=(frames, 1, 1, d)) + 1.5 * rng.normal(size=(1, h, w, d))
+       + 0.5 * rng.normal(size=(frames, h, w, d)) + 7.0)
+  flat = x.reshape(frames, h * w, d)
+  frame_mean, position_mean, grand = flat.mean(1), flat.mean(0), flat.mean((0, 1))
+  total = flat.var(axis=(0, 1)).sum()
+  local = (flat - frame_mean[:, None] - position_mean[None] + grand).var(axis=(0, 1)).sum()
+  want = {'frame': frame_mean.var(0).sum() / total, 'position': position_mean.var(0).sum() / total,
+          'local': local / total}
+  acc = metrics.FeatureVariance()
+  # Two batches, the second padded with a frame that must be skipped.
+  acc.update(x[:6].astype(np.float32), np.ones(6))
+  acc.update(np.concatenate([x[6:], 100 + x[:1]]), np.array([1, 1, 1, 1, 0]))
+  got = acc.result()
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=key)
+  assert abs(sum(got.values()) - 1) < 1e-9
+  assert got['frame'] > got['position'] > got['local']   # the planted 3 : 1.5 : 0.5 scales
+  with pytest.raises(ValueError, match='patches'):
+    acc.update(np.zeros((2, 3, 3, d)))
+  with pytest.raises(RuntimeError):
+    metrics.FeatureVariance().result()

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config
 from lemumo_jax.data import geometry, pipeline, synthetic
-from lemumo_jax.evaluation import report
+from lemumo_jax.evaluation import metrics, report
 from lemumo_jax.models import probes
 from lemumo_jax.training import pretrain, probe
 
@@ -137,6 +137,20 @@ def test_occupancy_losses_match_numpy():
   perfect = probe.occupancy_losses(jnp.asarray((2 * target - 1) * 20, jnp.float32),
                                    jnp.asarray(target, jnp.float32))
   assert float(perfect['focal']) < 1e-8 and float(perfect['dice']) < 0.05
+
+
+def test_patch_moments_on_device_match_feature_variance_on_host():
+  rng = np.random.default_rng(1)
+  patches = rng.normal(size=(5, 3, 4, 6)) + rng.normal(size=(5, 1, 1, 6)) * 2
+  valid = np.array([1, 1, 0, 1, 1], np.float32)
+  on_host = metrics.FeatureVariance()
+  on_host.update(patches, valid)
+  on_device = metrics.FeatureVariance()
+  moments = jax.jit(probe.patch_moments)(jnp.asarray(patches, jnp.float32), jnp.asarray(valid))
+  on_device.update_moments(**jax.device_get(moments))
+  assert on_device.frames == 4
+  for key, value in on_host.result().items():
+    np.testing.assert_allclose(on_device.result()[key], value, rtol=1e-4, err_msg=key)
 
 
 def test_probe_losses_sum_heads_and_are_per_example_under_vmap():

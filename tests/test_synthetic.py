@@ -73,6 +73,18 @@ def test_records_are_pure_functions_of_seed_split_index():
     assert not np.array_equal(first['depth_target'], other['depth_target'])
 
 
+def test_object_range_bounds_object_distance():
+  for near, far in ((4.0, 12.0), (30.0, 60.0)):
+    source = synthetic.SyntheticScenes(16, height=H, width=W, seed=5, object_range=(near, far))
+    z = np.concatenate([source[i]['boxes3d'][:, 2] for i in range(len(source))])
+    assert z.size >= 16
+    # Objects are placed at a distance along the (curved) road and offset across it, which moves
+    # the camera-frame z by at most a couple of metres.
+    assert near - 2.5 <= z.min() and z.max() <= far + 2.5, (near, far, z.min(), z.max())
+  with pytest.raises(ValueError, match='object_range'):
+    synthetic.SyntheticScenes(1, object_range=(20.0, 10.0))
+
+
 def test_lidar_agrees_with_depth_target(depth_scenes):
   noise = synthetic.LIDAR_NOISE_M
   for record, extras in depth_scenes:
@@ -145,7 +157,8 @@ def _contrasts(record, instance):
 
 
 def test_fog_hides_far_objects_from_rgb_but_not_from_lidar():
-  kwargs = dict(height=H, width=W, seed=11, night_probability=0.0)
+  # Objects out to 60 m: the fog must hide the far ones (the default range stops at 30 m).
+  kwargs = dict(height=H, width=W, seed=11, night_probability=0.0, object_range=(4.0, 60.0))
   foggy = synthetic.SyntheticScenes(64, fog_probability=1.0, **kwargs)
   clear = synthetic.SyntheticScenes(64, fog_probability=0.0, **kwargs)
   near, far, far_clear = [], [], []

@@ -69,7 +69,7 @@ def build_source(data_cfg, split: str):
     height, width = data_cfg.image_size
     return synthetic.SyntheticScenes(num, height=height, width=width,
                                      companion=data_cfg.companion, seed=data_cfg.seed,
-                                     split=split)
+                                     split=split, object_range=tuple(data_cfg.object_range))
   if data_cfg.name == 'arrayrecord':
     if not data_cfg.data_dir:
       raise ValueError('config.data.data_dir is empty: point it at a data_prep output folder '

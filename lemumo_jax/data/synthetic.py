@@ -2,7 +2,8 @@
 
 Each record is a pure function of (seed, split, index): a pinhole camera 1.5-2 m above a flat
 ground plane looks down a (slightly curved) road with lane markings, sidewalks, buildings,
-poles and trees, and 2-8 cars / pedestrians / cyclists modelled as oriented boxes. Every pixel
+poles and trees, and 2-8 cars / pedestrians / cyclists modelled as oriented boxes, placed
+4-30 m down the road by default (`object_range`; see OBJECT_RANGE for why). Every pixel
 is ray cast in float64 numpy (ground plane + slab test in each box's local frame) to give the
 depth target, segmentation and a shaded RGB image. The companion is either a simulated
 multi-beam spinning LiDAR ray cast through the same scene and rendered with the shared
@@ -36,6 +37,11 @@ CLASSES_2D = CLASSES_3D
 COMPANIONS = ('depth', 'thermal')
 MAX_DEPTH = 200.0  # metres; ground beyond this (near the horizon) is marked invalid (0)
 LIDAR_NOISE_M = 0.02  # std of the simulated range noise
+# Metres along the road. A 96 x 128 view with a ~140 px focal length shows a car at 30 m about
+# 20 x 7 px (1 x 2 patches of 8 px); at 60 m it is under one patch, and a probe's object-depth
+# error there (tens of percent at this size) puts every box metres outside the 0.5-4 m matching
+# radii. The paper's 640 x 640 probe views resolve objects ~5x farther than these frames do.
+OBJECT_RANGE = (4.0, 30.0)
 
 _SEG = {name: i for i, name in enumerate(SEG_CLASSES)}
 _OBJECT_DIMS = {'car': (4.5, 1.8, 1.5), 'pedestrian': (0.8, 0.8, 1.8),
@@ -121,8 +127,9 @@ def _sample_roadside(rng: np.random.Generator, scene: _Scene) -> tuple[list, lis
 
 
 def _sample_objects(rng: np.random.Generator, scene: _Scene, count: int,
-                    obstacles: list) -> list:
-  """Up to `count` non-overlapping objects in view, as (box, class index)."""
+                    obstacles: list, object_range: tuple[float, float]) -> list:
+  """Up to `count` non-overlapping objects in view, as (box, class index); each is placed
+  along the road at a distance drawn uniformly from object_range (metres)."""
   k = scene.intrinsics
   slope_lo, slope_hi = -k[0, 2] / k[0, 0] - 0.05, (scene.width - k[0, 2]) / k[0, 0] + 0.05
   objects = []
@@ -132,7 +139,7 @@ def _sample_objects(rng: np.random.Generator, scene: _Scene, count: int,
       # Random scale decouples apparent size from distance (fusion must matter).
       dims = np.array(_OBJECT_DIMS[CLASSES_3D[cls]]) * rng.uniform(0.6, 1.4) * rng.uniform(
           0.95, 1.05, 3)
-      base, across, theta = _road_frame(scene, rng.uniform(4.0, 60.0))
+      base, across, theta = _road_frame(scene, rng.uniform(*object_range))
       half, lanes, lane_w = scene.road_half, scene.lanes, 2 * scene.road_half / scene.lanes
       if cls == 0 and rng.random() < 0.15:  # parked at the curb
         offset = rng.choice([-1.0, 1.0]) * (half - dims[1] / 2 - 0.2)
@@ -162,7 +169,8 @@ def _sample_objects(rng: np.random.Generator, scene: _Scene, count: int,
 
 
 def _sample_scene(rng: np.random.Generator, height: int, width: int, fog_probability: float,
-                  night_probability: float, num_objects: tuple[int, int]) -> _Scene:
+                  night_probability: float, num_objects: tuple[int, int],
+                  object_range: tuple[float, float]) -> _Scene:
   scene = _Scene(height=height, width=width, **_sample_camera(rng, height, width))
   # Condition draws come first and unconditionally, so the scene content does not depend on
   # fog_probability / night_probability (the fog test renders one scene both ways).
@@ -190,7 +198,7 @@ def _sample_scene(rng: np.random.Generator, height: int, width: int, fog_probabi
   scene.road_heat = rng.uniform(0.48, 0.6)
   statics, obstacles = _sample_roadside(rng, scene)
   objects = _sample_objects(rng, scene, int(rng.integers(num_objects[0], num_objects[1] + 1)),
-                            obstacles)
+                            obstacles, object_range)
   scene.num_objects = len(objects)
   scene.object_cls = np.array([cls for _, cls in objects], np.int64)
   obj_colour, obj_heat, obj_kind = [], [], []
@@ -322,7 +330,8 @@ class SyntheticScenes:
                companion: str = 'depth', seed: int = 0, split: str = 'train',
                lidar_beams: int = 32, fog_probability: float = 0.5,
                night_probability: float = 0.25, num_objects: tuple[int, int] = (2, 8),
-               lidar_azimuth_step_deg: float = 0.4, min_visible_pixels: int = 4):
+               lidar_azimuth_step_deg: float = 0.4, min_visible_pixels: int = 4,
+               object_range: tuple[float, float] = OBJECT_RANGE):
     if companion not in COMPANIONS:
       raise ValueError(f'companion must be one of {COMPANIONS}, got {companion!r}')
     if num_records < 0 or height < 8 or width < 8 or seed < 0:
@@ -336,6 +345,10 @@ class SyntheticScenes:
     self.fog_probability, self.night_probability = fog_probability, night_probability
     self.num_objects = (int(num_objects[0]), int(num_objects[1]))
     self.min_visible_pixels = min_visible_pixels
+    if not 1.0 <= object_range[0] < object_range[1]:
+      raise ValueError(f'object_range must be (near, far) metres with 1 <= near < far, got '
+                       f'{object_range}')
+    self.object_range = (float(object_range[0]), float(object_range[1]))
     # crc32, not hash(): Python salts str hashes per process, grain workers must agree.
     self._split_key = zlib.crc32(split.encode('utf-8'))
     rows, cols = np.mgrid[0:self.height, 0:self.width].astype(np.float64)
@@ -364,7 +377,7 @@ class SyntheticScenes:
     rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._split_key, index]))
     h, w = self.height, self.width
     scene = _sample_scene(rng, h, w, self.fog_probability, self.night_probability,
-                          self.num_objects)
+                          self.num_objects, self.object_range)
     k = scene.intrinsics
     u, v = self._pixel_centres
     dirs = np.stack([(u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1], np.ones_like(u)], -1)

@@ -4,6 +4,8 @@
   coco_ap                2D detection: COCO AP at one IoU threshold (0.5 -> mAP50, Car mAP50)
   SegmentationMetric     mIoU from a confusion matrix accumulated over frames
   DepthMAE               mean absolute depth error over the valid pixels of all frames
+  FeatureVariance        how a frozen patch grid's variance splits into frame-global, position
+                         and local content (why a probe can or cannot read objects off it)
   Detection3DAccumulator, Detection2DAccumulator   streaming front-ends over validation batches
 
 Frames are dicts. Predictions: 'boxes' [P, 7] (3D, schema convention) or [P, 4] (2D, x1 y1 x2 y2
@@ -435,3 +437,74 @@ class DepthMAE:
 
   def result(self) -> float:
     return self.abs_error_sum / self.count if self.count else float('nan')
+
+
+class FeatureVariance:
+  """Two-way decomposition of a patch grid's variance over the frames of a split.
+
+  x[f, p, d] is channel d of the token at grid position p of frame f. Summed over channels, its
+  total variance over all (f, p) splits exactly (a balanced two-way layout) into
+    frame     the variance across frames of each frame's mean token: what every token of a frame
+              shares (scene-level content: brightness, weather, layout)
+    position  the variance across positions of the mean token at each position over frames
+              (positional embeddings, a fixed horizon row)
+    local     the rest, x - frame mean - position mean + grand mean: content that differs
+              between the tokens of one frame, which is where objects live.
+  `result()` gives each as a fraction of the total. A grid whose `frame` share is near 1 has
+  tokens that all say the same thing about their frame: a patch probe must dig the local part
+  out of a small residual. Moments accumulate in float64 per batch.
+  """
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.frames, self.grid_hw = 0, None
+    self.sum, self.sum_sq = None, None          # over every (frame, position): [D]
+    self.frame_mean_sum_sq = None               # sum over frames of frame-mean^2: [D]
+    self.position_sum = None                    # [P, D] summed over frames
+
+  def update(self, patches: np.ndarray, valid: np.ndarray | None = None) -> None:
+    """patches [B, h, w, D] (or [B, P, D]); valid [B] (0 = padding, skipped)."""
+    x = np.asarray(patches, np.float64)
+    if x.ndim == 4:
+      x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if x.ndim != 3:
+      raise ValueError(f'patches must be [B, h, w, D] or [B, P, D], got shape {np.shape(patches)}')
+    if valid is not None:
+      x = x[np.asarray(valid).reshape(-1) > 0]
+    self.update_moments(x.shape[0], x.sum((0, 1)), np.square(x).sum((0, 1)),
+                        np.square(x.mean(1)).sum(0), x.sum(0))
+
+  def update_moments(self, frames, total_sum, total_sum_sq, frame_mean_sum_sq,
+                     position_sum) -> None:
+    """The same from one batch's moments (as the probe stage reduces them on the device):
+    frames (count), total_sum [D], total_sum_sq [D], frame_mean_sum_sq [D], position_sum [P, D]."""
+    position_sum = np.asarray(position_sum, np.float64)
+    if self.position_sum is None:
+      self.grid_hw = position_sum.shape
+      self.sum, self.sum_sq = np.zeros(position_sum.shape[-1]), np.zeros(position_sum.shape[-1])
+      self.frame_mean_sum_sq, self.position_sum = (np.zeros(position_sum.shape[-1]),
+                                                   np.zeros(position_sum.shape))
+    elif position_sum.shape != self.grid_hw:
+      raise ValueError(f'patches [P, D] = {position_sum.shape} differ from the earlier '
+                       f'{self.grid_hw}')
+    self.frames += int(frames)
+    self.sum += np.asarray(total_sum, np.float64)
+    self.sum_sq += np.asarray(total_sum_sq, np.float64)
+    self.frame_mean_sum_sq += np.asarray(frame_mean_sum_sq, np.float64)
+    self.position_sum += position_sum
+
+  def result(self) -> dict[str, float]:
+    """{'frame', 'position', 'local'}: fractions of the total variance (they sum to 1)."""
+    if not self.frames:
+      raise RuntimeError('FeatureVariance saw no frames')
+    positions = self.position_sum.shape[0]
+    grand = self.sum / (self.frames * positions)
+    total = np.sum(self.sum_sq / (self.frames * positions) - grand**2)
+    frame = np.sum(self.frame_mean_sum_sq / self.frames - grand**2)
+    position = np.sum(np.mean(np.square(self.position_sum / self.frames), 0) - grand**2)
+    if total <= 0:
+      return {'frame': float('nan'), 'position': float('nan'), 'local': float('nan')}
+    return {'frame': float(frame / total), 'position': float(position / total),
+            'local': float(1.0 - (frame + position) / total)}

@@ -16,6 +16,11 @@ Losses, per head:
   occupancy    focal-reweighted BCE-with-logits + soft Dice + 0.1 x consistency between the
                'any object' channel and the max over the class channels
 
+The report also carries `patch_variance/{frame,position,local}`: one more pass over the val
+frames splits the frozen grid's variance into what every token of a frame shares, what depends
+on the grid position only, and the local rest (metrics.FeatureVariance), which tells why a
+detector can or cannot read objects off an encoder.
+
 Files under <workdir>/probe (probe_random for the random-encoder control, probe_raw for the raw
 input patches): checkpoints/ (Orbax, resumable like pretraining), best/ (best params +
 best.json), tensorboard/, report.md, report.json, probe_outputs.png.
@@ -284,6 +289,19 @@ def _features_fn(encoder, view_cfg: augment.ViewConfig):
   return features
 
 
+def patch_moments(patches: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """One batch's moments for metrics.FeatureVariance.update_moments, reduced on the device:
+  patches [B, h, w, D], valid [B] (0 = padding) -> frames (), total_sum [D], total_sum_sq [D],
+  frame_mean_sum_sq [D], position_sum [h * w, D]."""
+  x = patches.astype(jnp.float32).reshape(patches.shape[0], -1, patches.shape[-1])
+  weight = (valid > 0).astype(jnp.float32)
+  return {'frames': jnp.sum(weight),
+          'total_sum': jnp.einsum('b,bpd->d', weight, x),
+          'total_sum_sq': jnp.einsum('b,bpd->d', weight, jnp.square(x)),
+          'frame_mean_sum_sq': jnp.einsum('b,bd->d', weight, jnp.square(jnp.mean(x, axis=1))),
+          'position_sum': jnp.einsum('b,bpd->pd', weight, x)}
+
+
 def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, schedule):
   """(train_step, eval_step). train_step(state, encoder_params, batch) -> (state, metrics);
   eval_step(state, encoder_params, batch) -> (per-example losses, predictions)."""
@@ -458,6 +476,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   best_state = restore_best(probe_dir, best, state, state_sharding)
   values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
+  # What the heads read: how much of the frozen grid's variance is local content.
+  features = _features_fn(encoder, view_cfg)
+  moments_step = jax.jit(lambda p, b: patch_moments(features(p, b), b['valid']),
+                         in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  variance = metrics.FeatureVariance()
+  for host_batch in pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size):
+    moments = moments_step(encoder_params, state_lib.global_batch(mesh, host_batch))
+    # Replicated: every process holds the whole reduction in its first local shard.
+    variance.update_moments(**jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), moments))
+  values.update({f'patch_variance/{k}': v for k, v in variance.result().items()})
   row = report.ReportRow(
       method=config.method + ENCODERS[probe_cfg.encoder][1],
       training_data=training_data_label(None if probe_cfg.encoder == 'raw' else model_cfg,
@@ -470,6 +498,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'dataset': metadata.get('dataset', config.data.name), 'val_frames': num_val},
       figure_frames=figure_frames, metadata=metadata, image_hw=image_hw)
   print(report.markdown_table([row]), flush=True)
+  print('Patch-grid variance over the val frames (metrics.FeatureVariance): '
+        + ', '.join(f'{k} {values[f"patch_variance/{k}"]:.3f}' for k in ('frame', 'position',
+                                                                          'local')), flush=True)
   print(f'Probe report: {paths["markdown"]} (figure {paths.get("figure", "none")})', flush=True)
   return {'metrics': values, 'best_step': best['step'], 'probe_dir': probe_dir,
           'report': paths['markdown'], 'history': history, 'val_history': val_history}
