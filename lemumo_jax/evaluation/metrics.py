@@ -459,7 +459,7 @@ class FeatureVariance:
     self.reset()
 
   def reset(self) -> None:
-    self.frames, self.grid_hw = 0, None
+    self.frames = 0
     self.sum, self.sum_sq = None, None          # over every (frame, position): [D]
     self.frame_mean_sum_sq = None               # sum over frames of frame-mean^2: [D]
     self.position_sum = None                    # [P, D] summed over frames
@@ -482,13 +482,12 @@ class FeatureVariance:
     frames (count), total_sum [D], total_sum_sq [D], frame_mean_sum_sq [D], position_sum [P, D]."""
     position_sum = np.asarray(position_sum, np.float64)
     if self.position_sum is None:
-      self.grid_hw = position_sum.shape
       self.sum, self.sum_sq = np.zeros(position_sum.shape[-1]), np.zeros(position_sum.shape[-1])
       self.frame_mean_sum_sq, self.position_sum = (np.zeros(position_sum.shape[-1]),
                                                    np.zeros(position_sum.shape))
-    elif position_sum.shape != self.grid_hw:
+    elif position_sum.shape != self.position_sum.shape:
       raise ValueError(f'patches [P, D] = {position_sum.shape} differ from the earlier '
-                       f'{self.grid_hw}')
+                       f'{self.position_sum.shape}')
     self.frames += int(frames)
     self.sum += np.asarray(total_sum, np.float64)
     self.sum_sq += np.asarray(total_sum_sq, np.float64)

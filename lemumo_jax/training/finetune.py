@@ -128,8 +128,9 @@ def make_eval_step(encoder, heads_module, view_cfg: augment.ViewConfig):
   _, probe_eval = probe.make_probe_steps(encoder, heads_module, None, view_cfg, None)
 
   def eval_step(state, batch):
-    return probe_eval(state.replace(params=state.params['head']), state.params['encoder'],
-                      batch)
+    losses, preds, _ = probe_eval(state.replace(params=state.params['head']),
+                                  state.params['encoder'], batch)
+    return losses, preds
 
   return eval_step
 

@@ -16,10 +16,10 @@ Losses, per head:
   occupancy    focal-reweighted BCE-with-logits + soft Dice + 0.1 x consistency between the
                'any object' channel and the max over the class channels
 
-The report also carries `patch_variance/{frame,position,local}`: one more pass over the val
-frames splits the frozen grid's variance into what every token of a frame shares, what depends
-on the grid position only, and the local rest (metrics.FeatureVariance), which tells why a
-detector can or cannot read objects off an encoder.
+The report also carries `patch_variance/{frame,position,local}`: the final validation pass
+splits the frozen grid's variance into what every token of a frame shares, what depends on the
+grid position only, and the local rest (metrics.FeatureVariance), which tells why a detector
+can or cannot read objects off an encoder.
 
 Files under <workdir>/probe (probe_random for the random-encoder control, probe_raw for the raw
 input patches): checkpoints/ (Orbax, resumable like pretraining), best/ (best params +
@@ -304,7 +304,8 @@ def patch_moments(patches: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
 
 def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, schedule):
   """(train_step, eval_step). train_step(state, encoder_params, batch) -> (state, metrics);
-  eval_step(state, encoder_params, batch) -> (per-example losses, predictions)."""
+  eval_step(state, encoder_params, batch) -> (per-example losses, predictions, patch_moments of
+  the frozen grid)."""
   features = _features_fn(encoder, view_cfg)
   heads = tuple(heads_module.heads)
 
@@ -340,7 +341,7 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
       preds['depth'] = outputs['depth']
     if 'occupancy' in heads:
       preds['occupancy'] = jax.nn.sigmoid(outputs['occupancy'])
-    return losses, preds
+    return losses, preds, patch_moments(patches, batch['valid'])
 
   return train_step, eval_step
 
@@ -431,12 +432,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{probe_cfg.batch_size}, validation on {num_val} frames every {probe_cfg.val_every} '
         f'steps', flush=True)
 
-  def evaluate(eval_state, num_figure_frames=0) -> tuple[dict[str, Any], list]:
+  def evaluate(eval_state, num_figure_frames=0,
+               variance: metrics.FeatureVariance | None = None) -> tuple[dict[str, Any], list]:
+    """One validation pass; with `variance`, the frozen grid's moments accumulate into it."""
     evaluator = ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
     for host_batch in pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size):
       batch = state_lib.global_batch(mesh, host_batch)
-      losses, preds = eval_step(eval_state, encoder_params, batch)
+      losses, preds, moments = eval_step(eval_state, encoder_params, batch)
       evaluator.update(*to_host((losses, preds, batch)))
+      if variance is not None:
+        variance.update_moments(**to_host(moments))
     return evaluator.result(), evaluator.figure_frames
 
   writer = progress.metric_writer(probe_dir)
@@ -475,16 +480,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     best = save_best(probe_dir, step, state, values)
 
   best_state = restore_best(probe_dir, best, state, state_sharding)
-  values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
   # What the heads read: how much of the frozen grid's variance is local content.
-  features = _features_fn(encoder, view_cfg)
-  moments_step = jax.jit(lambda p, b: patch_moments(features(p, b), b['valid']),
-                         in_shardings=(replicated, data_sharding), out_shardings=replicated)
   variance = metrics.FeatureVariance()
-  for host_batch in pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size):
-    moments = moments_step(encoder_params, state_lib.global_batch(mesh, host_batch))
-    # Replicated: every process holds the whole reduction in its first local shard.
-    variance.update_moments(**jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), moments))
+  values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames, variance)
   values.update({f'patch_variance/{k}': v for k, v in variance.result().items()})
   row = report.ReportRow(
       method=config.method + ENCODERS[probe_cfg.encoder][1],
