@@ -276,6 +276,13 @@ def base_config() -> ml_collections.ConfigDict:
       'centernet_hidden': 256,
       'occupancy_hidden': 64,
       'num_figure_frames': 4,
+      # Compute the frozen patch grids of the train and val splits once and keep them, with the
+      # targets, in host memory (training.probe.FeatureCache): a probe step is then the heads
+      # alone, with the same frames at every step. Off at the paper's size (a 40 x 40 x 384
+      # grid per 640 x 640 view is far over the limit for a full split); an over-limit cache
+      # is an error naming its size.
+      'cache_features': False,
+      'cache_max_gib': 16.0,       # per host
   })
 
   # End-to-end fine-tuning (mode=finetune; S1 "End-to-end FLIR fine-tuning"): an exported

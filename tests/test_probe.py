@@ -377,6 +377,43 @@ def test_flir_style_heads(tmp_path):
   assert list(table)[:2] == ['mAP50 ↑', 'Car mAP50 ↑']
 
 
+def test_training_positions_are_the_loader_order():
+  """pipeline.training_positions names, batch for batch, the records the rendering loader
+  reads (across an epoch boundary and from a resumed start step)."""
+  config = tiny_config()
+  frames = np.concatenate([b['rgb'] for b in pipeline.probe_eval_loader(
+      config.data, pipeline._PretrainFrame(48, 64), 8, split='train')])
+  assert len(frames) == config.data.num_train
+  loaded = pipeline.pretrain_loader(config.data, 8, seed=5, start_step=3, num_steps=9)
+  positions = pipeline.training_positions(len(frames), 8, seed=5, start_step=3, num_steps=9)
+  pairs = list(zip(loaded, positions, strict=True))
+  assert len(pairs) == 6
+  for batch, index in pairs:
+    np.testing.assert_array_equal(batch['rgb'], frames[index])
+
+
+def test_cached_features_give_the_uncached_run(tmp_path):
+  """probe.cache_features: same frames per step, same losses and metrics as rendering every
+  batch and running the encoder on it; over its memory limit, an error and no probe files."""
+  runs = {}
+  for cached in (False, True):
+    config = tiny_config()
+    config.probe.update(encoder='random', cache_features=cached)
+    runs[cached] = probe.run(config, str(tmp_path / str(cached)))
+  for key in ('history', 'val_history'):
+    np.testing.assert_allclose(np.array(runs[True][key]), np.array(runs[False][key]), rtol=1e-5)
+  for key, value in runs[False]['metrics'].items():
+    np.testing.assert_allclose(runs[True]['metrics'][key], value, rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  details = json.loads((tmp_path / 'True' / 'probe_random' / 'report.json').read_text())
+  assert details['details']['cached_features'] is True
+
+  config.probe.update(cache_max_gib=1e-4)
+  with pytest.raises(ValueError, match=r'32 train \+ 16 val.*cache_max_gib=0.0001'):
+    probe.run(config, str(tmp_path / 'small'))
+  assert not (tmp_path / 'small').exists()
+
+
 def _probe_subprocess(python_env, workdir, devices):
   env = dict(python_env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
@@ -412,3 +449,21 @@ def test_compare_tables_across_runs(tmp_path):
   assert json.loads((tmp_path / 'table1.json').read_text())[1]['table']['Depth MAE ↓'] == 6.7
   with pytest.raises(FileNotFoundError, match='run the probe stage'):
     compare.load_rows([str(tmp_path / 'missing')])
+
+
+@pytest.mark.slow
+def test_probe_cache_benchmark(python_env, tmp_path):
+  """benchmarks/probe_cache.py: both rows, a per-step cost from the two step counts."""
+  out = tmp_path / 'rows.json'
+  cmd = [sys.executable, '-m', 'benchmarks.probe_cache', '--config=configs/synthetic.py',
+         *TINY_FLAGS, *TINY_PROBE_FLAGS, '--config.probe.encoder=random', '--steps=2,4',
+         f'--json_out={out}']
+  proc = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| cache_features | s / step |' in proc.stdout
+  rows = json.loads(out.read_text())
+  assert [row['cache_features'] for row in rows] == [False, True]
+  assert rows[0]['step_ratio'] == 1.0
+  for row in rows:
+    assert set(row['wall_s']) == {'2', '4'}

@@ -87,14 +87,36 @@ def _training_batches(data_cfg, split: str,
   if len(records) < host_batch:
     raise ValueError(f'{source!r} has {len(records)} records per host, fewer than one '
                      f'batch of {host_batch}')
-  epochs = math.ceil(num_steps * host_batch / len(records)) + 1
-  dataset = records.shuffle(seed=seed).repeat(epochs)
+  dataset = _epoch_order(records, seed, num_steps, host_batch)
   if isinstance(frame, grain.transforms.RandomMap):
     dataset = dataset.random_map(frame, seed=seed)
   else:
     dataset = dataset.map(frame)
   dataset = dataset.batch(host_batch, drop_remainder=True)
   return _iterate(dataset[start_step:num_steps], data_cfg)
+
+
+def _epoch_order(records: grain.MapDataset, seed: int, num_steps: int,
+                 host_batch: int) -> grain.MapDataset:
+  """The records shuffled (re-permuted every epoch) and repeated past num_steps batches."""
+  epochs = math.ceil(num_steps * host_batch / len(records)) + 1
+  return records.shuffle(seed=seed).repeat(epochs)
+
+
+def training_positions(num_host_records: int, global_batch_size: int, *, seed: int,
+                       start_step: int, num_steps: int) -> Iterator[np.ndarray]:
+  """What _training_batches reads, as positions: batch i (start_step <= i < num_steps) is the
+  int array of this host's record positions (0 .. num_host_records - 1) that the loader with
+  the same seed puts in batch i. A loader reading from a cache (probe.cache_features) yields
+  exactly the frames of the rendering loader, step for step."""
+  host_batch = _host_batch(global_batch_size)
+  if num_host_records < host_batch:
+    raise ValueError(f'{num_host_records} records per host, fewer than one batch of '
+                     f'{host_batch}')
+  positions = _epoch_order(grain.MapDataset.range(num_host_records), seed, num_steps, host_batch)
+  batches = positions.batch(host_batch, drop_remainder=True)[start_step:num_steps]
+  for batch in batches:
+    yield np.asarray(batch, dtype=np.int64)
 
 
 def pretrain_loader(data_cfg, global_batch_size: int, *, seed: int, start_step: int,

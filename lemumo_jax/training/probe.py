@@ -21,6 +21,14 @@ splits the frozen grid's variance into what every token of a frame shares, what 
 grid position only, and the local rest (metrics.FeatureVariance), which tells why a detector
 can or cannot read objects off an encoder.
 
+The encoder is frozen and the probe views are deterministic, so every epoch renders the same
+frames and computes the same patch grids. With probe.cache_features the stage runs the encoder
+once over the train and val splits and keeps the grids with the targets on the host
+(FeatureCache); training then draws the same frames per step as the uncached loader
+(pipeline.training_positions), so the numbers are the uncached run's, at the cost of the probe
+heads alone per step. The cache refuses to start, before anything is written, when its size
+would exceed probe.cache_max_gib per host.
+
 Files under <workdir>/probe (probe_random for the random-encoder control, probe_raw for the raw
 input patches): checkpoints/ (Orbax, resumable like pretraining), best/ (best params +
 best.json), tensorboard/, report.md, report.json, probe_outputs.png.
@@ -31,6 +39,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -281,7 +291,11 @@ class ProbeEvaluator:
 
 
 def _features_fn(encoder, view_cfg: augment.ViewConfig):
+  """features(encoder_params, batch) -> the frozen patch grid [B, h, w, D]; a batch from the
+  FeatureCache brings its grid as 'patches'."""
   def features(encoder_params, batch):
+    if 'patches' in batch:
+      return batch['patches']
     rgb = augment.normalize(batch['rgb'].astype(jnp.float32) / 255.0, view_cfg)
     companion = batch['companion'].astype(jnp.float32)[..., None]
     patches = encoder.apply({'params': encoder_params}, rgb, companion, train=False).patches
@@ -344,6 +358,95 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
     return losses, preds, patch_moments(patches, batch['valid'])
 
   return train_step, eval_step
+
+
+# ---------------------------------------------------------------------------- feature cache
+
+
+class FeatureCache:
+  """probe.cache_features: the frozen encoder's patch grid of every train and val frame,
+  computed once, with the frames' targets, in host memory.
+
+  Probe views are deterministic and the encoder is frozen, so every epoch would feed the heads
+  the same grids: cached, a probe step costs only the heads' forward and backward. Train
+  batches follow the rendering loader's order (pipeline.training_positions), so a cached run
+  sees the same frames at every step as an uncached one and gives the same numbers. Each host
+  caches its own records; one that would need more than probe.cache_max_gib is an error after
+  the first batch, before any probe file is written.
+  """
+
+  # What the heads never read again once the grid is cached (the val cache keeps 'rgb' for
+  # the figure).
+  TRAIN_DROP = ('rgb', 'companion')
+  VAL_DROP = ('companion',)
+
+  def __init__(self, train: dict[str, np.ndarray], val: list[dict[str, np.ndarray]]):
+    self.train, self.val = train, val
+    self.num_train = len(train['patches'])
+
+  @property
+  def nbytes(self) -> int:
+    return (sum(v.nbytes for v in self.train.values())
+            + sum(v.nbytes for batch in self.val for v in batch.values()))
+
+  @classmethod
+  def build(cls, data_cfg, frame: pipeline.ProbeFrame, batch_size: int, host_features,
+            max_gib: float) -> 'FeatureCache':
+    """host_features(host_batch) -> this host's rows of the frozen grid (numpy)."""
+    metadata = sources.dataset_metadata(data_cfg)
+    host_rows = {split: len(range(jax.process_index(), int(metadata['splits'][split]),
+                                  jax.process_count())) for split in ('train', 'val')}
+    budget = max_gib * 2**30
+    parts: dict[str, list[np.ndarray]] = {}
+    for i, host_batch in enumerate(pipeline.probe_eval_loader(data_cfg, frame, batch_size,
+                                                              split='train')):
+      batch = dict(host_batch, patches=host_features(host_batch))
+      valid = batch['valid'] > 0
+      if i == 0:
+        cls._check_budget(batch, host_rows, budget, max_gib)
+      for key, value in batch.items():
+        if key not in cls.TRAIN_DROP:
+          parts.setdefault(key, []).append(value[valid])
+    train = {k: np.concatenate(v) for k, v in parts.items()}
+    if len(train['patches']) != host_rows['train']:
+      raise RuntimeError(f'the train split gave {len(train["patches"])} frames on host '
+                         f'{jax.process_index()}, its metadata says {host_rows["train"]}')
+    val = []
+    for host_batch in pipeline.probe_eval_loader(data_cfg, frame, batch_size):
+      batch = dict(host_batch, patches=host_features(host_batch))
+      val.append({k: v for k, v in batch.items() if k not in cls.VAL_DROP})
+    return cls(train, val)
+
+  @classmethod
+  def _check_budget(cls, batch, host_rows, budget: float, max_gib: float) -> None:
+    frame_bytes = {k: v[0].nbytes for k, v in batch.items()}
+    train = sum(b for k, b in frame_bytes.items() if k not in cls.TRAIN_DROP)
+    val = sum(b for k, b in frame_bytes.items() if k not in cls.VAL_DROP)
+    size = train * host_rows['train'] + val * (host_rows['val'] + len(batch['valid']))
+    if size > budget:
+      raise ValueError(
+          f'config.probe.cache_features: the frozen features and targets of '
+          f'{host_rows["train"]} train + {host_rows["val"]} val frames need '
+          f'{size / 2**30:.3g} GiB per host ({train / 2**20:.2f} MiB per frame, patch grid '
+          f'{tuple(batch["patches"].shape[1:])}), over config.probe.cache_max_gib={max_gib}; '
+          f'raise the limit or set config.probe.cache_features=False')
+
+  def train_batches(self, batch_size: int, *, seed: int, start_step: int,
+                    num_steps: int) -> Iterator[dict[str, np.ndarray]]:
+    for positions in pipeline.training_positions(self.num_train, batch_size, seed=seed,
+                                                 start_step=start_step, num_steps=num_steps):
+      yield {k: v[positions] for k, v in self.train.items()}
+
+  def val_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self.val)
+
+
+def host_rows(x: jax.Array) -> np.ndarray:
+  """A batch-sharded global array -> this host's rows, in the order the host fed them."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = {s.index[0].start or 0: s for s in x.addressable_shards}  # replicas share a start
+  return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
 
 
 # ------------------------------------------------------------------------------------- loop
@@ -410,6 +513,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dummy = jnp.zeros((1, *geometry.grid_hw, width))
     return state_lib.create_train_state(heads_module.init(key, dummy, train=False), tx)
 
+  view_cfg = augment.ViewConfig.from_config(config.views)
+  train_step, eval_step = make_probe_steps(encoder, heads_module, tx, view_cfg, schedule)
+  data_sharding = state_lib.batch_sharding(mesh)
+  cache = None
+  if probe_cfg.cache_features:
+    # Before the probe directory exists: a cache over its memory limit writes nothing.
+    feature_step = jax.jit(_features_fn(encoder, view_cfg),
+                           in_shardings=(replicated, data_sharding), out_shardings=data_sharding)
+    start = time.perf_counter()
+    cache = FeatureCache.build(
+        config.data, frame, probe_cfg.batch_size,
+        lambda b: host_rows(feature_step(encoder_params, state_lib.global_batch(
+            mesh, {k: b[k] for k in ('rgb', 'companion')}))),
+        float(probe_cfg.cache_max_gib))
+    print(f'probe.cache_features: the frozen patch grids of {cache.num_train} train and '
+          f'{sum(int(np.sum(b["valid"])) for b in cache.val)} val frames cached on the host '
+          f'({cache.nbytes / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s', flush=True)
+
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   manager = state_lib.checkpoint_manager(probe_dir, ml_collections.ConfigDict(dict(
       checkpoint_every=probe_cfg.checkpoint_every, keep_checkpoints=2)))
@@ -417,9 +538,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       manager, init_state, (init_key,), replicated, 'probes')
   best = read_best(probe_dir)
 
-  view_cfg = augment.ViewConfig.from_config(config.views)
-  train_step, eval_step = make_probe_steps(encoder, heads_module, tx, view_cfg, schedule)
-  data_sharding = state_lib.batch_sharding(mesh)
   train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated, data_sharding),
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_step = jax.jit(eval_step, in_shardings=(state_sharding, replicated, data_sharding))
@@ -436,10 +554,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                variance: metrics.FeatureVariance | None = None) -> tuple[dict[str, Any], list]:
     """One validation pass; with `variance`, the frozen grid's moments accumulate into it."""
     evaluator = ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
-    for host_batch in pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size):
+    batches = (cache.val_batches() if cache else
+               pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size))
+    for host_batch in batches:
       batch = state_lib.global_batch(mesh, host_batch)
       losses, preds, moments = eval_step(eval_state, encoder_params, batch)
-      evaluator.update(*to_host((losses, preds, batch)))
+      targets = {k: v for k, v in batch.items() if k != 'patches'}
+      evaluator.update(*to_host((losses, preds, targets)))
       if variance is not None:
         variance.update_moments(**to_host(moments))
     return evaluator.result(), evaluator.figure_frames
@@ -448,9 +569,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   history, val_history = [], []
   step = start_step
   meter = progress.RateMeter(start_step)
-  loader = pipeline.probe_train_loader(config.data, frame, probe_cfg.batch_size,
-                                       seed=config.seed + 1, start_step=start_step,
-                                       num_steps=total_steps)
+  loader_args = dict(seed=config.seed + 1, start_step=start_step, num_steps=total_steps)
+  loader = (cache.train_batches(probe_cfg.batch_size, **loader_args) if cache else
+            pipeline.probe_train_loader(config.data, frame, probe_cfg.batch_size, **loader_args))
   for host_batch in loader:
     state, step_metrics = train_step(state, encoder_params, state_lib.global_batch(mesh, host_batch))
     step += 1
@@ -492,7 +613,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   paths = report.write_report(
       probe_dir, row, details={
           'encoder': encoder_desc, 'best_step': best['step'], 'total_steps': total_steps,
-          'heads': list(heads), 'probe_view': list(image_hw), 'patch_grid': list(geometry.grid_hw),
+          'heads': list(heads), 'cached_features': bool(cache), 'probe_view': list(image_hw),
+          'patch_grid': list(geometry.grid_hw),
           'dataset': metadata.get('dataset', config.data.name), 'val_frames': num_val},
       figure_frames=figure_frames, metadata=metadata, image_hw=image_hw)
   print(report.markdown_table([row]), flush=True)
