@@ -57,15 +57,15 @@ def flops(fn, *args):
 def test_layer0_and_persistent_mask_rows():
   n = 4
   t = 1 + 3 * n
-  cls, fus, cam, mod = [0], list(range(1, 1 + n)), list(range(1 + n, 1 + 2 * n)), list(
+  cls, fus, cam, mod = 0, list(range(1, 1 + n)), list(range(1 + n, 1 + 2 * n)), list(
       range(1 + 2 * n, t))
   layer0, persistent = routing.layer0_mask(n), routing.persistent_mask(n)
   assert layer0.shape == persistent.shape == (t, t) and layer0.dtype == bool
   for q in range(t):
     if q in fus:
       i = q - 1
-      allowed0 = {0, fus[i], cam[i], mod[i]}
-      allowed_p = {0, cam[i], mod[i]} | set(fus)
+      allowed0 = {cls, fus[i], cam[i], mod[i]}
+      allowed_p = {cls, cam[i], mod[i]} | set(fus)
     else:  # CLS, C and M rows: unrestricted
       allowed0 = allowed_p = set(range(t))
     for k in range(t):
