@@ -69,6 +69,17 @@ def _host_records(data_cfg, split: str):
   return source, grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
 
 
+def host_record_count(num_records: int) -> int:
+  """How many of a split's num_records this host reads (_host_records strides them)."""
+  return len(range(jax.process_index(), num_records, jax.process_count()))
+
+
+def _require_one_batch(what: str, num_host_records: int, host_batch: int) -> None:
+  if num_host_records < host_batch:
+    raise ValueError(f'{what} has {num_host_records} records per host, fewer than one batch '
+                     f'of {host_batch}')
+
+
 def _iterate(dataset, data_cfg):
   iterator = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch))
@@ -84,9 +95,7 @@ def _training_batches(data_cfg, split: str,
   draws from a generator seeded by (seed, position in the repeated order)."""
   host_batch = _host_batch(global_batch_size)
   source, records = _host_records(data_cfg, split)
-  if len(records) < host_batch:
-    raise ValueError(f'{source!r} has {len(records)} records per host, fewer than one '
-                     f'batch of {host_batch}')
+  _require_one_batch(repr(source), len(records), host_batch)
   dataset = _epoch_order(records, seed, num_steps, host_batch)
   if isinstance(frame, grain.transforms.RandomMap):
     dataset = dataset.random_map(frame, seed=seed)
@@ -110,9 +119,7 @@ def training_positions(num_host_records: int, global_batch_size: int, *, seed: i
   the same seed puts in batch i. A loader reading from a cache (probe.cache_features) yields
   exactly the frames of the rendering loader, step for step."""
   host_batch = _host_batch(global_batch_size)
-  if num_host_records < host_batch:
-    raise ValueError(f'{num_host_records} records per host, fewer than one batch of '
-                     f'{host_batch}')
+  _require_one_batch('the cached split', num_host_records, host_batch)
   positions = _epoch_order(grain.MapDataset.range(num_host_records), seed, num_steps, host_batch)
   batches = positions.batch(host_batch, drop_remainder=True)[start_step:num_steps]
   for batch in batches:

@@ -394,8 +394,8 @@ class FeatureCache:
             max_gib: float) -> 'FeatureCache':
     """host_features(host_batch) -> this host's rows of the frozen grid (numpy)."""
     metadata = sources.dataset_metadata(data_cfg)
-    host_rows = {split: len(range(jax.process_index(), int(metadata['splits'][split]),
-                                  jax.process_count())) for split in ('train', 'val')}
+    host_frames = {split: pipeline.host_record_count(int(metadata['splits'][split]))
+                   for split in ('train', 'val')}
     budget = max_gib * 2**30
     parts: dict[str, list[np.ndarray]] = {}
     for i, host_batch in enumerate(pipeline.probe_eval_loader(data_cfg, frame, batch_size,
@@ -403,14 +403,14 @@ class FeatureCache:
       batch = dict(host_batch, patches=host_features(host_batch))
       valid = batch['valid'] > 0
       if i == 0:
-        cls._check_budget(batch, host_rows, budget, max_gib)
+        cls._check_budget(batch, host_frames, budget, max_gib)
       for key, value in batch.items():
         if key not in cls.TRAIN_DROP:
           parts.setdefault(key, []).append(value[valid])
     train = {k: np.concatenate(v) for k, v in parts.items()}
-    if len(train['patches']) != host_rows['train']:
+    if len(train['patches']) != host_frames['train']:
       raise RuntimeError(f'the train split gave {len(train["patches"])} frames on host '
-                         f'{jax.process_index()}, its metadata says {host_rows["train"]}')
+                         f'{jax.process_index()}, its metadata says {host_frames["train"]}')
     val = []
     for host_batch in pipeline.probe_eval_loader(data_cfg, frame, batch_size):
       batch = dict(host_batch, patches=host_features(host_batch))
@@ -418,15 +418,15 @@ class FeatureCache:
     return cls(train, val)
 
   @classmethod
-  def _check_budget(cls, batch, host_rows, budget: float, max_gib: float) -> None:
+  def _check_budget(cls, batch, host_frames, budget: float, max_gib: float) -> None:
     frame_bytes = {k: v[0].nbytes for k, v in batch.items()}
     train = sum(b for k, b in frame_bytes.items() if k not in cls.TRAIN_DROP)
     val = sum(b for k, b in frame_bytes.items() if k not in cls.VAL_DROP)
-    size = train * host_rows['train'] + val * (host_rows['val'] + len(batch['valid']))
+    size = train * host_frames['train'] + val * (host_frames['val'] + len(batch['valid']))
     if size > budget:
       raise ValueError(
           f'config.probe.cache_features: the frozen features and targets of '
-          f'{host_rows["train"]} train + {host_rows["val"]} val frames need '
+          f'{host_frames["train"]} train + {host_frames["val"]} val frames need '
           f'{size / 2**30:.3g} GiB per host ({train / 2**20:.2f} MiB per frame, patch grid '
           f'{tuple(batch["patches"].shape[1:])}), over config.probe.cache_max_gib={max_gib}; '
           f'raise the limit or set config.probe.cache_features=False')
