@@ -29,8 +29,11 @@ A rerun skips runs whose report exists and resumes unfinished ones from their ch
   SSL PFLOPs     XLA FLOPs of the train step x schedule steps
   Memory (GB)    the device's peak memory; on a CPU (no device peak) XLA's static estimate of
                  the step's footprint, marked '*'
-Metrics over seeds are reported as mean ± standard deviation (ddof 1). Writes
-<out_dir>/tables.md and tables.json and prints the table.
+Metrics over seeds are reported as mean ± standard deviation (ddof 1). Where a row runs with its
+':frozen' control, a second table answers Table 1's question seed by seed: pretraining's gain
+over the random-init encoder on each column (positive = pretraining better), its mean over seeds
+with a 95% t-interval (bold where the interval excludes 0), and the seeds pretraining won.
+Writes <out_dir>/tables.md and tables.json and prints the tables.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import Any
 
 from absl import app, flags
 import numpy as np
+from scipy import stats
 
 from configs import common
 from lemumo_jax.evaluation import report
@@ -218,9 +222,9 @@ def aggregate(out_dir: str, rows: Sequence[str], seeds: Sequence[str],
              'method': method, 'training_data': reports[0].training_data if reports else '',
              'seeds': list(seeds), 'metrics': {}, 'compute': {}}
     for column in report.columns_for(reports):
-      mean, std = _mean_std([r.metrics.get(column.key, float('nan')) * column.scale
-                             for r in reports])
-      entry['metrics'][column.title] = {'mean': mean, 'std': std}
+      values = [float(r.metrics.get(column.key, float('nan'))) * column.scale for r in reports]
+      mean, std = _mean_std(values)
+      entry['metrics'][column.title] = {'mean': mean, 'std': std, 'values': values}
     if profiles:
       memory = [p['peak_bytes'] if p['peak_bytes'] is not None else p['xla_memory_bytes']
                 for p in profiles]
@@ -230,7 +234,72 @@ def aggregate(out_dir: str, rows: Sequence[str], seeds: Sequence[str],
           'Memory (GB)': _mean_std([m / 1e9 if m is not None else None for m in memory])[0],
           'memory_is_xla_estimate': profiles[0]['peak_bytes'] is None}
     table.append(entry)
-  return {'rows': table, 'seeds': list(seeds)}
+  result = {'rows': table, 'seeds': list(seeds)}
+  result['frozen_gaps'] = frozen_gaps(result)
+  return result
+
+
+_ALL_COLUMNS = {c.title: c for c in (*report.COLUMNS_3D, *report.COLUMNS_2D,
+                                     *report.EXTRA_COLUMNS)}
+
+
+def frozen_gaps(result: dict[str, Any]) -> list[dict[str, Any]]:
+  """For every row aggregated together with its ':frozen' control: per metric column, the gain
+  of pretraining over the random-init encoder, paired by seed and signed so that positive means
+  pretraining is better (frozen - pretrained for a lower-is-better column). Each column gets
+  the per-seed gains, their mean, a two-sided 95% t-interval of the mean (n - 1 degrees of
+  freedom; none from one seed) and the number of seeds pretraining won. Seeds where either run
+  lacks the metric are left out of that column."""
+  by_row = {r['row']: r for r in result['rows']}
+  gaps = []
+  for row in result['rows']:
+    control = by_row.get(f'{row["row"]}{FROZEN}') if split_row(row['row'])[1] == '' else None
+    if control is None:
+      continue
+    columns = {}
+    for title, pre in row['metrics'].items():
+      column = _ALL_COLUMNS.get(title)
+      if column is None or 'values' not in pre or title not in control['metrics']:
+        continue
+      sign = 1.0 if column.higher_is_better else -1.0
+      gains = [sign * (p - f) for p, f in zip(pre['values'], control['metrics'][title]['values'])
+               if math.isfinite(p) and math.isfinite(f)]
+      if not gains:
+        continue
+      n, mean = len(gains), float(np.mean(gains))
+      low = high = float('nan')
+      if n > 1:
+        half = stats.t.ppf(0.975, n - 1) * float(np.std(gains, ddof=1)) / math.sqrt(n)
+        low, high = mean - half, mean + half
+      columns[title] = {'gains': gains, 'mean': mean, 'ci95': [low, high],
+                        'wins': sum(g > 0 for g in gains), 'seeds': n}
+    gaps.append({'row': row['row'], 'name': row.get('name') or row['method'],
+                 'columns': columns})
+  return gaps
+
+
+def _gap_cell(gap: dict[str, Any], digits: int) -> str:
+  text = f'{gap["mean"]:+.{digits}f}'
+  low, high = gap['ci95']
+  if math.isfinite(low):
+    text += f' [{low:+.{digits}f}, {high:+.{digits}f}]'
+  text += f' {gap["wins"]}/{gap["seeds"]}'
+  return f'**{text}**' if math.isfinite(low) and (low > 0 or high < 0) else text
+
+
+def gaps_markdown(gaps: Sequence[dict[str, Any]]) -> str:
+  """| Method | <columns> | with cells '+gain [95% interval] wins/seeds'."""
+  titles = [t for t in _ALL_COLUMNS if any(t in g['columns'] for g in gaps)]
+  if not titles:
+    return ''
+  lines = ['Pretrained vs. its encoder-frozen control, paired by seed: mean gain of pretraining '
+           '(positive = better) [95% t-interval], seeds won. Bold: the interval excludes 0.', '',
+           '| Method | ' + ' | '.join(titles) + ' |', '|---|' + '---:|' * len(titles)]
+  for gap in gaps:
+    cells = [_gap_cell(gap['columns'][t], _ALL_COLUMNS[t].digits) if t in gap['columns']
+             else 'n/a' for t in titles]
+    lines.append(f'| {gap["name"]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -276,7 +345,9 @@ def markdown(result: dict[str, Any]) -> str:
            f'Seed {result["seeds"][0]}.']
   if any(r['compute'].get('memory_is_xla_estimate') for r in rows if r['compute']):
     notes.append('* no device peak on this backend: XLA\'s static estimate of the train step.')
-  return '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
+  text = '\n'.join(lines) + '\n\n' + ' '.join(notes) + '\n'
+  gaps = gaps_markdown(result.get('frozen_gaps', []))
+  return text + ('\n' + gaps if gaps else '')
 
 
 def _check_transfer_encoders(pending: Sequence[tuple[str, str]], transfer_from: str | None):

@@ -1,9 +1,11 @@
 """benchmarks/paper_tables.py: rows x seeds through lemumo_jax.main, then the paper-layout table."""
 
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import paper_tables
@@ -31,6 +33,55 @@ def test_markdown_mean_std_best_and_compute_columns():
   assert 'Mean ± std over seeds 0, 1.' in text and "XLA's static estimate" in text
 
 
+
+def test_frozen_gaps_pair_seeds_sign_by_column_and_mark_intervals():
+  """Table 1's comparison seed by seed, against an independent float64 formula: gains signed
+  by the column's direction, the 95% t-interval (t quantiles for 1 and 2 degrees of freedom
+  written out), wins, a seed missing a metric left out of that column, unpaired rows ignored,
+  and the markdown cells (bold where the interval excludes 0)."""
+  seeds = ['0', '1', '2']
+  titles = {'xy': 'mAP XY ↑', 'mae': 'Depth MAE ↓', 'miou': 'Seg. mIoU ↑', 'ade': 'ADE XY (m) ↓'}
+  def row(name, **values):
+    return {'row': name, 'method': 'lemumo', 'name': name, 'training_data': 'RGB+Depth',
+            'seeds': seeds, 'compute': {},
+            'metrics': {titles[k]: {'mean': float(np.nanmean(v)), 'std': 0.0, 'values': v}
+                        for k, v in values.items()}}
+  nan = float('nan')
+  result = {'seeds': seeds, 'rows': [
+      row('lemumo', xy=[3.3, 2.7, 3.8], mae=[8.532, 8.299, 8.280], miou=[0.206, 0.205, 0.207],
+          ade=[1.083, nan, 1.131]),
+      row('lemumo:frozen', xy=[2.6, 3.0, 3.1], mae=[8.560, 8.379, 8.250],
+          miou=[0.194, 0.190, 0.193], ade=[1.093, 1.116, 1.181]),
+      row('lejepa_rgb', xy=[1.0, 1.0, 1.0])]}
+  gaps = paper_tables.frozen_gaps(result)
+  assert [g['row'] for g in gaps] == ['lemumo']
+  columns = gaps[0]['columns']
+  t_975 = {1: 12.706204736174694, 2: 4.302652729749462}
+  expected = {'mAP XY ↑': [0.7, -0.3, 0.7], 'Depth MAE ↓': [0.028, 0.080, -0.030],
+              'Seg. mIoU ↑': [0.012, 0.015, 0.014], 'ADE XY (m) ↓': [0.010, 0.050]}
+  for title, gains in expected.items():
+    g = np.asarray(gains, np.float64)
+    n = len(g)
+    mean = g.sum() / n
+    half = t_975[n - 1] * math.sqrt(((g - mean) ** 2).sum() / (n - 1)) / math.sqrt(n)
+    got = columns[title]
+    np.testing.assert_allclose(got['gains'], gains, atol=1e-12)
+    np.testing.assert_allclose(got['mean'], mean, atol=1e-12)
+    np.testing.assert_allclose(got['ci95'], [mean - half, mean + half], atol=1e-9)
+    assert got['seeds'] == n and got['wins'] == int((g > 0).sum())
+  lines = paper_tables.markdown({**result, 'frozen_gaps': gaps}).splitlines()
+  start = lines.index('| Method | mAP XY ↑ | Depth MAE ↓ | Seg. mIoU ↑ | ADE XY (m) ↓ |')
+  assert lines[start - 2].startswith('Pretrained vs. its encoder-frozen control, paired by seed')
+  assert lines[start + 2] == ('| lemumo | +0.4 [-1.1, +1.8] 2/3 | +0.026 [-0.111, +0.163] 2/3 '
+                              '| **+0.014 [+0.010, +0.017] 3/3** | +0.030 [-0.224, +0.284] 2/2 |')
+  assert len(lines) == start + 3
+  one_seed = paper_tables.frozen_gaps({'seeds': ['0'], 'rows': [
+      {**row('lemumo', xy=[3.3]), 'seeds': ['0']},
+      {**row('lemumo:frozen', xy=[2.6]), 'seeds': ['0']}]})
+  assert one_seed[0]['columns']['mAP XY ↑']['wins'] == 1
+  assert paper_tables._gap_cell(one_seed[0]['columns']['mAP XY ↑'], 1) == '+0.7 1/1'
+
+
 @pytest.mark.slow
 def test_rows_pretrain_probe_profile_and_table(python_env, tmp_path):
   """One row and its encoder-frozen control at the tiny size: every run's report, the compute
@@ -50,7 +101,13 @@ def test_rows_pretrain_probe_profile_and_table(python_env, tmp_path):
   assert 0 < frozen['metrics']['Depth MAE ↓']['mean'] < 80
   assert fused['compute']['SSL PFLOPs'] > 0 and fused['compute']['Time (min)'] > 0
   assert frozen['compute'] == {}
+  [gap] = result['frozen_gaps']
+  assert gap['row'] == 'lemumo' and gap['columns']['Depth MAE ↓']['seeds'] == 1
+  np.testing.assert_allclose(gap['columns']['Depth MAE ↓']['gains'],
+                             [frozen['metrics']['Depth MAE ↓']['mean']
+                              - fused['metrics']['Depth MAE ↓']['mean']], atol=1e-9)
   table = (tmp_path / 'tables.md').read_text()
+  assert 'Pretrained vs. its encoder-frozen control' in table
   assert table.startswith('| Method | Training Data | mAP XY ↑ | Depth MAE ↓ | mAP XZ ↑ | '
                           'Seg. mIoU ↑ | Time (min) | SSL PFLOPs | Memory (GB) |')
   again = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
