@@ -258,10 +258,9 @@ def frozen_gaps(result: dict[str, Any]) -> list[dict[str, Any]]:
       continue
     columns = {}
     for title, pre in row['metrics'].items():
-      column = _ALL_COLUMNS.get(title)
-      if column is None or 'values' not in pre or title not in control['metrics']:
+      if title not in control['metrics']:
         continue
-      sign = 1.0 if column.higher_is_better else -1.0
+      sign = 1.0 if _ALL_COLUMNS[title].higher_is_better else -1.0
       gains = [sign * (p - f) for p, f in zip(pre['values'], control['metrics'][title]['values'])
                if math.isfinite(p) and math.isfinite(f)]
       if not gains:

@@ -33,7 +33,6 @@ def test_markdown_mean_std_best_and_compute_columns():
   assert 'Mean ± std over seeds 0, 1.' in text and "XLA's static estimate" in text
 
 
-
 def test_frozen_gaps_pair_seeds_sign_by_column_and_mark_intervals():
   """Table 1's comparison seed by seed, against an independent float64 formula: gains signed
   by the column's direction, the 95% t-interval (t quantiles for 1 and 2 degrees of freedom
