@@ -186,6 +186,12 @@ def base_config() -> ml_collections.ConfigDict:
       # encoder passes: 'joint' (+ 'rgb': companion zeroed, 'companion': RGB zeroed; S3)
       'passes': ('joint',),
       'lam': 0.1,
+      # The balance of the two terms (objectives/lejepa.py, objectives/sigreg.py): the LeJEPA
+      # reference code's by default. 'mean': invariance averaged over views, samples and
+      # embedding dimensions (main text "mean-squared"); 'sum': summed over the dimensions
+      # (S1 as printed). 'batch': SIGReg x the global batch N (reference); 'none': S2 as printed.
+      'invariance_reduction': 'mean',
+      'sigreg_scale': 'batch',
       'num_slices': 256,
       'num_knots': 17,
       't_max': 3.0,

@@ -24,7 +24,7 @@ from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.models import dino as dino_model
 from lemumo_jax.models import multimae, ssl
 from lemumo_jax.objectives import dino as dino_objective
-from lemumo_jax.objectives import infonce, lejepa, mae, vicreg
+from lemumo_jax.objectives import infonce, lejepa, mae, sigreg, vicreg
 from lemumo_jax.training import progress
 from lemumo_jax.training import state as state_lib
 
@@ -61,10 +61,14 @@ def build_objective(config: ml_collections.ConfigDict) -> Objective:
                      f"{config.model.family!r}: objective 'infonce' and family 'dual' (the "
                      f"ImageBind-style row) go together")
   if cfg.name == 'lejepa':
+    reduction = lejepa.check_choice(cfg.invariance_reduction, lejepa.INVARIANCE_REDUCTIONS,
+                                    'objective.invariance_reduction')
+    scale = lejepa.check_choice(cfg.sigreg_scale, sigreg.SCALES, 'objective.sigreg_scale')
     def objective(key, outputs):
       return lejepa.lejepa_loss(key, outputs['z_global'], outputs['z_local'], lam=cfg.lam,
                                 num_slices=cfg.num_slices, num_knots=cfg.num_knots,
-                                t_max=cfg.t_max, extra_passes=outputs.get('passes'))
+                                t_max=cfg.t_max, invariance_reduction=reduction,
+                                sigreg_scale=scale, extra_passes=outputs.get('passes'))
     return objective
   if cfg.name == 'vicreg':
     if passes != ('joint',):
