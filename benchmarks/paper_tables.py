@@ -42,15 +42,15 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from absl import app, flags
 import numpy as np
-from scipy import stats
-
+from benchmarks import claims
+from benchmarks.runs import (FINETUNE, FROZEN, REPO, TRANSFER, paired_summary,
+                             report_path, run_command, run_dir, split_row, write_atomic)
 from configs import common
 from lemumo_jax.evaluation import report
 
@@ -63,13 +63,15 @@ _ROWS = flags.DEFINE_list('rows', ['lejepa_rgb', 'lidar_only', 'early_fusion', '
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'config.seed values; metrics are averaged over them.')
 _OUT_DIR = flags.DEFINE_string('out_dir', 'runs/paper_tables', 'One workdir per run, + tables.')
 _PROFILE = flags.DEFINE_bool('profile', True, 'Also run mode=profile for the compute columns.')
+_CLAIMS = flags.DEFINE_bool(
+    'claims', False, "Run what the paper's qualitative claims need (benchmarks/claims.py: its "
+    "rows and the Figure 3 analysis) over --seeds (default 0-4) and write claims.md and "
+    'claims.json: one line per claim, the paired mean gain, its 95% interval and a verdict.')
+CLAIM_SEEDS = 5
 _TRANSFER_FROM = flags.DEFINE_string(
     'transfer_from', None, "For ':transfer' / ':finetune' rows: the --out_dir of the runs that "
     'pretrained the encoders (it holds <row>_seed<seed>/encoder), e.g. a Waymo run of --table=3.')
 
-FROZEN, TRANSFER, FINETUNE = ':frozen', ':transfer', ':finetune'
-KINDS = ('', FROZEN, TRANSFER, FINETUNE)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's method names (its tables print JEPA as 'JEPa'; citations left out).
 DISPLAY_NAMES = {
@@ -115,16 +117,6 @@ TABLES = {
 }
 
 
-def split_row(row: str) -> tuple[str, str]:
-  """'<row>[:<kind>]' -> (row, kind) with kind one of KINDS; an unknown kind is a ValueError."""
-  base, sep, kind = row.partition(':')
-  kind = sep + kind
-  if kind not in KINDS:
-    raise ValueError(f'row {row!r}: the part after the row name must be one of '
-                     f'{[k for k in KINDS if k]}')
-  return base, kind
-
-
 def select_rows(rows: Sequence[str], from_preset: bool,
                 known: Collection[str] | None = None) -> list[str]:
   """The rows to run. A preset's rows that this checkout does not define are skipped with a
@@ -146,15 +138,6 @@ def display_name(row: str) -> str | None:
   base, kind = split_row(row)
   name = DISPLAY_NAMES.get(base)
   return f'{name} encoder frozen' if name and kind == FROZEN else name
-
-
-def run_dir(out_dir: str, row: str, seed: str) -> str:
-  return os.path.join(out_dir, f'{row.replace(":", "_")}_seed{seed}')
-
-
-def report_path(workdir: str, row: str) -> str:
-  stage = {'': 'probe', FROZEN: 'probe_random', TRANSFER: 'probe', FINETUNE: 'finetune'}
-  return os.path.join(workdir, stage[split_row(row)[1]], 'report.json')
 
 
 def transfer_encoder(transfer_from: str, row: str, seed: str) -> str:
@@ -263,15 +246,8 @@ def frozen_gaps(result: dict[str, Any]) -> list[dict[str, Any]]:
       sign = 1.0 if _ALL_COLUMNS[title].higher_is_better else -1.0
       gains = [sign * (p - f) for p, f in zip(pre['values'], control['metrics'][title]['values'])
                if math.isfinite(p) and math.isfinite(f)]
-      if not gains:
-        continue
-      n, mean = len(gains), float(np.mean(gains))
-      low = high = float('nan')
-      if n > 1:
-        half = stats.t.ppf(0.975, n - 1) * float(np.std(gains, ddof=1)) / math.sqrt(n)
-        low, high = mean - half, mean + half
-      columns[title] = {'gains': gains, 'mean': mean, 'ci95': [low, high],
-                        'wins': sum(g > 0 for g in gains), 'seeds': n}
+      if gains:
+        columns[title] = paired_summary(gains)
     gaps.append({'row': row['row'], 'name': row.get('name') or row['method'],
                  'columns': columns})
   return gaps
@@ -371,10 +347,11 @@ def main(argv):
   extra = [a for a in argv[1:] if a != '--']
   out_dir = os.path.abspath(_OUT_DIR.value)
   preset = TABLES.get(_TABLE.value) if _TABLE.value else None
-  if preset and flags.FLAGS['rows'].present:
-    raise SystemExit('give --table or --rows, not both')
+  if sum([preset is not None, flags.FLAGS['rows'].present, _CLAIMS.value]) > 1:
+    raise SystemExit('give one of --table, --rows and --claims')
   try:
-    rows = select_rows(preset.rows if preset else _ROWS.value, from_preset=preset is not None)
+    rows = select_rows(claims.ROWS if _CLAIMS.value else preset.rows if preset else _ROWS.value,
+                       from_preset=preset is not None)
   except ValueError as e:
     raise SystemExit(str(e)) from e
   if not rows:
@@ -386,6 +363,10 @@ def main(argv):
       print(f'(the paper ran this table with --config={preset.config}; running with '
             f'--config={_CONFIG.value})', flush=True)
   seeds = list(_SEEDS.value)
+  if _CLAIMS.value and not flags.FLAGS['seeds'].present:
+    seeds = [str(s) for s in range(CLAIM_SEEDS)]
+  if _CLAIMS.value:
+    print(f'Claims: rows {", ".join(rows)}, seeds {", ".join(seeds)}', flush=True)
 
   def done(row, seed):
     workdir = run_dir(out_dir, row, seed)
@@ -398,19 +379,18 @@ def main(argv):
   pending = [(row, seed) for row in rows for seed in seeds if not done(row, seed)]
   _check_transfer_encoders(pending, _TRANSFER_FROM.value)
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  for row in rows:
-    for seed in seeds:
-      workdir = run_dir(out_dir, row, seed)
-      if (row, seed) not in pending:
-        print(f'[{row} seed {seed}] done earlier: {workdir}', flush=True)
-        continue
-      for cmd in commands(_CONFIG.value, row, seed, workdir, extra, _PROFILE.value,
-                          _TRANSFER_FROM.value, compute_only):
-        print(f'[{row} seed {seed}] {" ".join(cmd[1:])}', flush=True)
-        proc = subprocess.run(cmd, cwd=REPO, env=env)
-        if proc.returncode:
-          raise SystemExit(f'[{row} seed {seed}] failed (exit {proc.returncode}); rerun the '
-                           f'same command to resume it')
+  # Seed-major for the claims (every row of seed 0 first: a paired comparison grows by whole
+  # seeds), row-major otherwise.
+  order = ([(row, seed) for seed in seeds for row in rows] if _CLAIMS.value else
+           [(row, seed) for row in rows for seed in seeds])
+  for row, seed in order:
+    workdir = run_dir(out_dir, row, seed)
+    if (row, seed) not in pending:
+      print(f'[{row} seed {seed}] done earlier: {workdir}', flush=True)
+      continue
+    for cmd in commands(_CONFIG.value, row, seed, workdir, extra, _PROFILE.value,
+                        _TRANSFER_FROM.value, compute_only):
+      run_command(cmd, f'{row} seed {seed}', env)
   result = aggregate(out_dir, rows, seeds, compute_only)
   if preset:
     result['title'] = preset.title
@@ -418,13 +398,13 @@ def main(argv):
   if preset:
     text = f'{preset.title}\n\n{text}'
   os.makedirs(out_dir, exist_ok=True)
-  for name, payload in (('tables.md', text), ('tables.json', json.dumps(result, indent=2))):
-    path = os.path.join(out_dir, name)
-    with open(path + '.tmp', 'w') as f:
-      f.write(payload)
-    os.replace(path + '.tmp', path)
+  write_atomic(os.path.join(out_dir, 'tables.md'), text)
+  write_atomic(os.path.join(out_dir, 'tables.json'), json.dumps(result, indent=2))
   print(text)
   print(f'Tables written to {out_dir}/tables.md and tables.json', flush=True)
+  if _CLAIMS.value:
+    print(claims.run_claims(_CONFIG.value, out_dir, seeds, extra, env))
+    print(f'Claims written to {out_dir}/claims.md and claims.json', flush=True)
 
 
 if __name__ == '__main__':

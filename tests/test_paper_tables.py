@@ -222,7 +222,7 @@ def test_markdown_setting_column_and_compute_only():
 
 def test_table_flags_fail_clearly(python_env, tmp_path):
   """Table 5's transfer rows without --transfer_from, or with no encoders there, stop before
-  anything runs; --table and --rows together are refused."""
+  anything runs; --table, --rows and --claims are refused together."""
   base = [sys.executable, '-m', 'benchmarks.paper_tables', '--table=5', f'--out_dir={tmp_path}']
   proc = subprocess.run(base, cwd=REPO, env=python_env, capture_output=True, text=True,
                         timeout=120)
@@ -235,7 +235,10 @@ def test_table_flags_fail_clearly(python_env, tmp_path):
   assert str(tmp_path / 'waymo' / 'lemumo_seed0' / 'encoder') in proc.stderr
   proc = subprocess.run(base + ['--rows=lemumo'], cwd=REPO, env=python_env, capture_output=True,
                         text=True, timeout=120)
-  assert proc.returncode != 0 and 'give --table or --rows' in proc.stderr
+  assert proc.returncode != 0 and 'give one of --table, --rows and --claims' in proc.stderr
+  proc = subprocess.run(base[:3] + ['--claims', '--rows=lemumo', f'--out_dir={tmp_path}'],
+                        cwd=REPO, env=python_env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and 'give one of --table, --rows and --claims' in proc.stderr
 
 
 @pytest.mark.slow
