@@ -1,10 +1,12 @@
 """benchmarks/claims.py: the paper's claims as paired seed-by-seed tests, against float64."""
 
+import json
 import math
+import os
 
 import numpy as np
 
-from benchmarks import claims
+from benchmarks import claims, runs
 from lemumo_jax.evaluation import report
 
 T_975 = {1: 12.706204736174694, 2: 4.302652729749462, 3: 3.182446305284263,
@@ -114,7 +116,70 @@ def test_every_claim_names_known_rows_and_metrics_and_renders():
   text = claims.markdown(results, 'Schedule.')
   lines = text.splitlines()
   assert lines[0].startswith('| Claim | Source | Measure |')
-  assert len([l for l in lines if l.startswith('| ') and 'Table' in l or 'Figure' in l]) >= len(
-      claims.CLAIMS)
-  assert '| Le MuMo JEPA beats LeJEPA (RGB) on Depth MAE | Table 3 | Depth MAE ↓ | '
+  body = [l for l in lines[2:] if l.startswith('| ')]
+  assert len(body) == len(claims.CLAIMS)
+  assert body[0].startswith('| Le MuMo JEPA beats LeJEPA (RGB) on Depth MAE | Table 3 | '
+                            'Depth MAE ↓ | +0.000 [+0.000, +0.000], 0/4 seeds | tie |')
   assert any('+0.000 [+0.000, +0.000], 0/4 seeds' in l for l in lines)
+
+
+def _write_json(path, payload):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(payload, f)
+
+
+def test_run_claims_reads_the_runs_and_analyses_missing_figure3(tmp_path, monkeypatch):
+  """run_claims on an --out_dir of finished runs: the analysis of a seed without one is run
+  (the command names that seed's Le MuMo workdir and LeJEPA RGB encoder), then claims.md and
+  claims.json come from the runs' own files."""
+  out_dir, seeds = str(tmp_path), ['0', '1']
+  for seed in seeds:
+    for row in claims.ROWS:
+      workdir = runs.run_dir(out_dir, row, seed)
+      _write_json(runs.report_path(workdir, row), {
+          'method': row, 'training_data': 'RGB+Depth', 'details': {
+              'total_steps': 2048, 'val_frames': 256},
+          'metrics': {'mAP_XY': 0.03 + 0.01 * (row == 'lemumo'), 'depth_MAE': 8.0 - int(seed),
+                      'mAP_XZ': 0.07, 'seg_mIoU': 0.2}})
+      if not row.endswith(':frozen'):
+        _write_json(os.path.join(workdir, 'profile.json'), {'ssl_pflops_total': 1.0 + (
+            row == 'ft_persistent')})
+    _write_json(os.path.join(runs.run_dir(out_dir, 'lemumo', seed), 'config.json'), {
+        'data': {'num_train': 2048, 'image_size': [96, 128]}, 'model': {'width': 96, 'depth': 4},
+        'train': {'batch_size': 32, 'num_epochs': 4, 'num_steps': 0},
+        'probe': {'batch_size': 32}})
+  _write_json(claims.analysis_path(out_dir, '0'),
+              {'encoders': [{'purity_10nn': 0.5, 'planar_r2': 0.4},
+                            {'purity_10nn': 0.4, 'planar_r2': 0.3}]})
+  ran = []
+
+  def fake_run(cmd, label, env):
+    ran.append(cmd)
+    _write_json(claims.analysis_path(out_dir, '1'),
+                {'encoders': [{'purity_10nn': 0.52, 'planar_r2': 0.38},
+                              {'purity_10nn': 0.41, 'planar_r2': 0.31}]})
+
+  monkeypatch.setattr(runs, 'run_command', fake_run)
+  text = claims.run_claims('configs/synthetic.py', out_dir, seeds, ['--config.data.num_val=8'],
+                           {})
+  (cmd,) = ran
+  assert cmd[3:] == ['--config=configs/synthetic.py:lemumo',
+                     f'--workdir={runs.run_dir(out_dir, "lemumo", "1")}', '--config.seed=1',
+                     '--config.data.num_val=8', '--config.mode=analyze',
+                     '--config.analyze.reference_dir='
+                     f'{os.path.join(runs.run_dir(out_dir, "lejepa_rgb", "1"), "encoder")}']
+  with open(tmp_path / 'claims.json') as f:
+    payload = json.load(f)
+  assert payload['seeds'] == seeds and len(payload['claims']) == len(claims.CLAIMS)
+  by_text = {c['claim']: c for c in payload['claims']}
+  xy = by_text['Le MuMo JEPA beats LeJEPA (RGB) on mAP XY']
+  np.testing.assert_allclose(xy['metrics']['mAP_XY']['gains'], [1.0, 1.0], atol=1e-9)
+  assert xy['verdict'] == 'holds' and by_text[
+      'Le MuMo JEPA beats LeJEPA (RGB) on Depth MAE']['verdict'] == 'tie'
+  assert by_text["FT-Pruned costs a fraction of FT-Persistent's SSL FLOPs"]['ratios'] == [0.5, 0.5]
+  np.testing.assert_allclose(by_text[claims.CLAIMS[-2].text]['metrics']['purity_10nn']['gains'],
+                             [0.1, 0.11], atol=1e-12)
+  assert (tmp_path / 'claims.md').read_text() == text
+  assert 'SSL: 256 steps of batch 32 on 2048 scenes of 96x128' in text
+  assert 'probes: 2048 steps of batch 32, validated on 256 frames' in text
