@@ -180,7 +180,8 @@ def save_figure(path: str, panels: Sequence[dict[str, Any]], classes: np.ndarray
                            gridspec_kw={'width_ratios': [1.0] * cols + [0.07]})
   cmap = plt.get_cmap('tab10' if len(class_names) <= 10 else 'tab20')
   class_colour = lambda k: cmap(k % cmap.N)
-  low, high = float(np.min(depth)), float(np.max(depth))
+  # The colour scale stops at the 98th percentile: a few far patches would wash out the rest.
+  low, high = float(np.min(depth)), float(np.percentile(depth, 98))
   for c, panel in enumerate(panels):
     x, y = panel['coords'][:, 0], panel['coords'][:, 1]
     top, bottom = axes[0][c], axes[1][c]
@@ -201,7 +202,7 @@ def save_figure(path: str, panels: Sequence[dict[str, Any]], classes: np.ndarray
   axes[0][-1].set_axis_off()
   axes[0][-1].legend(handles=handles, loc='center left', bbox_to_anchor=(-0.5, 0.5),
                      fontsize=8, frameon=False)
-  fig.colorbar(points, cax=axes[1][-1], label='mean patch depth (m)')
+  fig.colorbar(points, cax=axes[1][-1], label='mean patch depth (m)', extend='max')
   fig.suptitle('t-SNE of final-layer patch embeddings (val split)', fontsize=10)
   fig.tight_layout()
   tmp = path + '.tmp.png'
