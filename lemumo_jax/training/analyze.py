@@ -112,8 +112,8 @@ def _check_grids(encoders, image_hw, grid_hw) -> None:
 
 def collect(config, encoders, geometry: pipeline.ProbeGeometry,
             num_classes: int) -> dict[str, Any]:
-  """One pass over the val split -> {'points': the sampled patches ('class', 'depth', 'frame',
-  'row', 'col', 'features<i>' per encoder), 'labelled_patches', 'frames'}."""
+  """One pass over the val split -> {'points': the sampled patches ('class', 'depth' and
+  'features<i>' [n, D] of encoder i, all in split order), 'labelled_patches', 'frames'}."""
   cfg = config.analyze
   grid_hw = geometry.grid_hw
   frame = pipeline.ProbeFrame(geometry, ('seg', 'depth'), 0, 0, int(config.probe.max_objects),
@@ -128,7 +128,6 @@ def collect(config, encoders, geometry: pipeline.ProbeGeometry,
   num_batches = -(-limit // batch_size)
   report_every = max(1, num_batches // 10)
   sample = ea.BottomKSample(int(cfg.num_points))
-  rows, cols = np.meshgrid(np.arange(grid_hw[0]), np.arange(grid_hw[1]), indexing='ij')
   frames, start = 0, time.perf_counter()
   for i, batch in enumerate(pipeline.probe_eval_loader(config.data, frame, batch_size)):
     if i >= num_batches:
@@ -143,10 +142,7 @@ def collect(config, encoders, geometry: pipeline.ProbeGeometry,
     priority = np.random.default_rng([int(cfg.seed), i]).random(keep.shape)
     grids = [np.asarray(fn(p, batch['rgb'], batch['companion']))
              for fn, p in zip(patch_fns, params)]
-    sample.add(priority[keep], **{'class': classes[keep], 'depth': depth[keep],
-                                  'frame': np.broadcast_to(index[:, None, None], keep.shape)[keep],
-                                  'row': np.broadcast_to(rows, keep.shape)[keep],
-                                  'col': np.broadcast_to(cols, keep.shape)[keep]},
+    sample.add(priority[keep], **{'class': classes[keep], 'depth': depth[keep]},
                **{f'features{j}': g[keep] for j, g in enumerate(grids)})
     frames += int(valid.sum())
     if (i + 1) % report_every == 0 or i + 1 == num_batches:
