@@ -325,4 +325,18 @@ def base_config() -> ml_collections.ConfigDict:
       'timed_steps': 10,           # the step time is their median
       'num_records': 0,            # train records per epoch for the schedule; 0: the dataset's
   })
+
+  # mode=analyze (lemumo_jax/training/analyze.py): Figure 3 (section 4.6), t-SNE of the frozen
+  # encoder's final-layer patch embeddings (probe.encoder_dir) on the val split's probe views,
+  # scored by 10-NN class purity and a planar depth fit; beside a reference row's encoder.
+  c.analyze = ml_collections.ConfigDict({
+      'reference_dir': '',         # another row's exported encoder/ (e.g. lejepa_rgb); '' none
+      'num_points': 2000,          # patches sampled (uniformly, fixed seed) for the t-SNE
+      'seed': 0,                   # the patch sample, the t-SNE and the label permutations
+      'perplexity': 30.0,
+      'max_iter': 1000,            # t-SNE iterations (sklearn's default)
+      'max_frames': 0,             # read the first N val frames only; 0: the whole split
+      'label': '',                 # column titles; '': '<paper row name> <token kind>'
+      'reference_label': '',
+  })
   return c

@@ -11,6 +11,10 @@ key is an error. `config.mode` selects what runs:
                    default <workdir>/encoder) with a detection decoder -> <workdir>/finetune
   profile          the compute profile of the config's train step (paper Table 6: time, SSL
                    FLOPs, peak memory) -> <workdir>/profile.json; trains nothing
+  analyze          Figure 3 (section 4.6): t-SNE of the frozen encoder's patch embeddings
+                   (config.probe.encoder_dir, default <workdir>/encoder) on the val split, with
+                   10-NN class purity and a planar depth fit, beside config.analyze.reference_dir
+                   -> <workdir>/analysis/{figure3.png, analysis.json}
 
 Multi-host (launch/): --distributed calls jax.distributed.initialize(), which finds the
 coordinator, process count and process id itself under Slurm, Open MPI and on Cloud TPU VMs;
@@ -95,6 +99,9 @@ def main(argv):
   if config.mode == 'profile':
     from lemumo_jax import profiling  # pylint: disable=g-import-not-at-top
     profiling.profile(config, workdir)
+  if config.mode == 'analyze':
+    from lemumo_jax.training import analyze  # pylint: disable=g-import-not-at-top
+    analyze.run(config, workdir)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 # config.mode values; main.py dispatches on them.
-MODES = ('pretrain', 'probe', 'pretrain_probe', 'finetune', 'profile')
+MODES = ('pretrain', 'probe', 'pretrain_probe', 'finetune', 'profile', 'analyze')
 
 
 def default_workdir(config_path: str, method: str) -> str:
