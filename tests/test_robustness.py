@@ -12,6 +12,7 @@ from conftest import tiny_config
 from lemumo_jax.data import pipeline
 from lemumo_jax.evaluation import robustness
 from lemumo_jax.models import encoders
+from lemumo_jax.training import probe
 
 
 def test_zero_and_shift():
@@ -90,7 +91,7 @@ def test_eval_record_indices_name_the_loaders_frames():
     np.testing.assert_array_equal(batch['companion'][valid], frames[records[valid]])
 
 
-def test_unknown_conditions_are_an_error():
+def test_unknown_conditions_are_an_error_before_any_file(tmp_path):
   robustness.check_conditions(())
   robustness.check_conditions(tuple(robustness.CONDITIONS))
   with pytest.raises(ValueError, match=r"config.probe.robustness=.*unknown \['fog'\].*"
@@ -98,6 +99,11 @@ def test_unknown_conditions_are_an_error():
     robustness.check_conditions(('shift_2px', 'fog'))
   with pytest.raises(ValueError, match=r"unknown \['drop_50'\]"):
     robustness.check_conditions('drop_50')
+  config = tiny_config()
+  config.probe.update(encoder='random', robustness=('companion_missing', 'rain'))
+  with pytest.raises(ValueError, match=r"config.probe.robustness.*unknown \['rain'\]"):
+    probe.run(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def test_not_applicable():
