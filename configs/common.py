@@ -289,6 +289,11 @@ def base_config() -> ml_collections.ConfigDict:
       # is an error naming its size.
       'cache_features': False,
       'cache_max_gib': 16.0,       # per host
+      # After the best heads are restored, one more val pass per condition with the companion
+      # perturbed (evaluation/robustness.py: zeroed, shifted right k px, a fraction of the LiDAR
+      # returns dropped); extra rows of the report, nothing retrained. () disables.
+      'robustness': ('companion_missing', 'shift_2px', 'shift_4px', 'shift_8px', 'drop_50',
+                     'drop_90'),
   })
 
   # End-to-end fine-tuning (mode=finetune; S1 "End-to-end FLIR fine-tuning"): an exported

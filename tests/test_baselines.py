@@ -16,6 +16,7 @@ import pytest
 
 from configs import common, synthetic
 from conftest import tiny_config
+from lemumo_jax.evaluation import robustness
 from lemumo_jax.models import encoders
 from lemumo_jax.objectives import infonce
 from lemumo_jax.training import pretrain, probe
@@ -273,3 +274,10 @@ def test_every_row_pretrains_then_probes(tmp_path, row):
   depth_mae = reported['metrics']['depth_MAE']
   assert depth_mae is not None and np.isfinite(depth_mae), reported['metrics']
   np.testing.assert_allclose(depth_mae, result['metrics']['depth_MAE'], rtol=1e-6)
+  # Every robustness condition has its entry, with metrics where the probed grid reads the
+  # companion (every row but the RGB-only ones and imagebind's RGB readout), null elsewhere.
+  assert reported['robustness'].keys() == set(robustness.CONDITIONS)
+  reads = robustness.reads_companion(model_cfg)
+  assert reads == (row not in ('lejepa_rgb', 'dinov3', 'imagebind'))
+  for name, values in reported['robustness'].items():
+    assert (np.isfinite(values['depth_MAE']) if reads else values is None), name

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config
 from lemumo_jax.data import geometry, pipeline, synthetic
-from lemumo_jax.evaluation import metrics, report
+from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import probes
 from lemumo_jax.training import pretrain, probe
 
@@ -313,17 +313,49 @@ def test_probe_stage_end_to_end(tmp_path):
   for key in ('mAP_XY', 'mAP_XZ', 'seg_mIoU', 'depth_MAE', 'occupancy_IoU', 'loss/seg'):
     assert key in result['metrics'], key
   assert 0 < result['metrics']['depth_MAE'] < 80
-  assert '| lemumo | RGB+Depth |' in (probe_dir / 'report.md').read_text()
+  markdown = (probe_dir / 'report.md').read_text()
+  assert '| lemumo | RGB+Depth |' in markdown
+  _check_robustness(payload, result, markdown, 'lemumo')
+  scalars = _tensorboard_scalars(probe_dir, 'robust/')
+  assert scalars['robust/drop_90/depth_MAE'] == (
+      result['best_step'], pytest.approx(result['robustness']['drop_90']['depth_MAE'], rel=1e-6))
 
   again = probe.run(config, str(tmp_path))
   assert again['history'] == [] and again['best_step'] == result['best_step']
   assert again['metrics']['loss'] == pytest.approx(result['metrics']['loss'], rel=1e-6)
+  np.testing.assert_equal(again['robustness'], result['robustness'])  # the same perturbed frames
 
   config.probe.encoder = 'random'
   control = probe.run(config, str(tmp_path))
   assert control['probe_dir'] == str(tmp_path / 'probe_random')
   assert json.loads((tmp_path / 'probe_random' / 'report.json').read_text())['method'] == (
       'lemumo encoder frozen')
+
+
+def _check_robustness(payload, result, markdown: str, method: str) -> None:
+  """A probe of an encoder that reads the companion: every condition has the main metrics'
+  keys, finite, in report.json and as a report.md row; a missing companion changes them."""
+  assert payload['robustness'].keys() == set(robustness.CONDITIONS)
+  for name, values in result['robustness'].items():
+    assert values.keys() == result['metrics'].keys(), name
+    for key in ('loss', 'depth_MAE', 'patch_variance/local'):
+      assert np.isfinite(values[key]), (name, key)
+      assert payload['robustness'][name][key] == pytest.approx(values[key], rel=1e-6)
+    assert f'| {method} [{robustness.label(name)}] |' in markdown, name
+  missing = result['robustness']['companion_missing']
+  assert missing['loss'] != result['metrics']['loss']
+  assert missing['depth_MAE'] != result['metrics']['depth_MAE']
+
+
+def _tensorboard_scalars(directory, prefix: str) -> dict[str, tuple[int, float]]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (clu already imported it)
+  out = {}
+  for path in (directory / 'tensorboard').glob('events.*'):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag.startswith(prefix):
+          out[value.tag] = (event.step, float(tf.make_ndarray(value.tensor)))
+  return out
 
 
 def test_input_patches_cut_the_view_into_the_patch_grid():
@@ -359,22 +391,31 @@ def test_probe_needs_an_encoder_and_valid_heads(tmp_path):
 def test_raw_input_patches_reference(tmp_path):
   """probe.encoder='raw' needs no encoder: its own directory and report row."""
   config = tiny_config()
-  config.probe.update(encoder='raw', heads=('centernet3d', 'depth'), num_steps=2, val_every=2)
+  config.probe.update(encoder='raw', heads=('centernet3d', 'depth'), num_steps=2, val_every=2,
+                      robustness=('companion_missing',))
   result = probe.run(config, str(tmp_path))
   assert result['probe_dir'] == str(tmp_path / 'probe_raw')
   payload = json.loads((tmp_path / 'probe_raw' / 'report.json').read_text())
   assert payload['method'] == 'lemumo raw input patches' and payload['training_data'] == 'none'
   assert 0 < result['metrics']['depth_MAE'] < 80 and 'mAP_XY' in result['metrics']
+  # The raw patches hold the companion: zeroing it changes what the heads read.
+  assert list(payload['robustness']) == ['companion_missing']
+  assert result['robustness']['companion_missing']['loss'] != result['metrics']['loss']
 
 
 def test_flir_style_heads(tmp_path):
-  """2D CenterNet + occupancy (the FLIR probe set) on a random encoder: mAP50 and Car mAP50."""
+  """2D CenterNet + occupancy (the FLIR probe set) on a random encoder: mAP50 and Car mAP50.
+  The RGB-only encoder never reads the companion: every robustness condition is n/a."""
   config = tiny_config('lejepa_rgb')
   config.probe.update(encoder='random', heads=('centernet2d', 'occupancy'))
   result = probe.run(config, str(tmp_path))
   assert {'mAP50', 'AP50/car', 'occupancy_IoU'} <= set(result['metrics'])
-  table = json.loads((tmp_path / 'probe_random' / 'report.json').read_text())['table']
-  assert list(table)[:2] == ['mAP50 ↑', 'Car mAP50 ↑']
+  payload = json.loads((tmp_path / 'probe_random' / 'report.json').read_text())
+  assert list(payload['table'])[:2] == ['mAP50 ↑', 'Car mAP50 ↑']
+  assert payload['robustness'] == {name: None for name in robustness.CONDITIONS}
+  markdown = (tmp_path / 'probe_random' / 'report.md').read_text()
+  assert ('| lejepa_rgb encoder frozen [companion shifted 4 px] | RGB | n/a | n/a | n/a |'
+          in markdown)
 
 
 def test_training_positions_are_the_loader_order():
@@ -405,6 +446,12 @@ def test_cached_features_give_the_uncached_run(tmp_path):
   for key, value in runs[False]['metrics'].items():
     np.testing.assert_allclose(runs[True]['metrics'][key], value, rtol=1e-5, atol=1e-6,
                                err_msg=key)
+  # Robustness passes re-run the encoder on perturbed frames, never the cached clean grids.
+  for name, values in runs[False]['robustness'].items():
+    for key, value in values.items():
+      np.testing.assert_allclose(runs[True]['robustness'][name][key], value, rtol=1e-5,
+                                 atol=1e-6, err_msg=f'{name} {key}')
+  assert runs[True]['robustness']['companion_missing']['loss'] != runs[True]['metrics']['loss']
   details = json.loads((tmp_path / 'True' / 'probe_random' / 'report.json').read_text())
   assert details['details']['cached_features'] is True
 

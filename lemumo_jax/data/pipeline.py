@@ -74,6 +74,13 @@ def host_record_count(num_records: int) -> int:
   return len(range(jax.process_index(), num_records, jax.process_count()))
 
 
+def eval_record_indices(batch_index: int, host_batch: int) -> np.ndarray:
+  """[host_batch] split indices of the rows of batch `batch_index` of this host's
+  probe_eval_loader pass (_host_records strides them; padding rows continue the count)."""
+  positions = batch_index * host_batch + np.arange(host_batch)
+  return jax.process_index() + positions * jax.process_count()
+
+
 def _require_one_batch(what: str, num_host_records: int, host_batch: int) -> None:
   if num_host_records < host_batch:
     raise ValueError(f'{what} has {num_host_records} records per host, fewer than one batch '

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lemumo_jax.data import geometry
+from lemumo_jax.evaluation import robustness as robustness_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,13 @@ def markdown_table(rows: Sequence[ReportRow], mark_best: bool = False) -> str:
   return '\n'.join(lines)
 
 
+def robustness_rows(row: ReportRow,
+                    robustness: Mapping[str, Mapping[str, Any] | None]) -> list[ReportRow]:
+  """'<method> [<condition label>]' rows under `row`, one per condition (no metrics: n/a)."""
+  return [ReportRow(f'{row.method} [{robustness_lib.label(name)}]', row.training_data,
+                    values or {}) for name, values in robustness.items()]
+
+
 def table_values(row: ReportRow) -> dict[str, float | None]:
   out = {}
   for c in columns_for([row]):
@@ -115,9 +123,13 @@ def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
                  figure_frames: Sequence[Mapping[str, Any]] = (),
                  metadata: Mapping[str, Any] | None = None,
                  image_hw: tuple[int, int] | None = None,
-                 title: str = 'Frozen patch probes') -> dict[str, str]:
+                 title: str = 'Frozen patch probes',
+                 robustness: Mapping[str, Mapping[str, Any] | None] | None = None
+                 ) -> dict[str, str]:
   """report.md (headed '# <title>: <method>') + report.json (+ probe_outputs.png when frames
-  are given) in `directory`."""
+  are given) in `directory`. `robustness` ({condition: metrics, None when n/a}; the probe stage
+  gives it, evaluation/robustness.py) adds rows under the table and report.json's
+  'robustness'."""
   os.makedirs(directory, exist_ok=True)
   paths = {'markdown': os.path.join(directory, 'report.md'),
            'json': os.path.join(directory, 'report.json')}
@@ -128,11 +140,18 @@ def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
   all_metrics = '\n'.join(f'| {k} | {v:.6g} |' if isinstance(v, (float, int)) and v == v
                           else f'| {k} | n/a |' for k, v in sorted(row.metrics.items()))
   lines = [f'# {title}: {row.method}', '',
-           markdown_table([row]), '',
+           markdown_table([row, *robustness_rows(row, robustness or {})]), '',
            'Detection AP in percent (center-distance AP at 0.5/1/2/4 m averaged over thresholds, '
            'then classes; XY = bird\'s-eye ground plane, XZ = forward-vertical plane), Depth MAE '
            'in metres over valid pixels, Seg. mIoU as a fraction; the numbers of the validation '
-           'with the lowest probe loss.', '',
+           'with the lowest probe loss.', '']
+  if robustness:
+    lines += ['Rows in brackets: the same heads on the val split with the companion perturbed '
+              '(config.probe.robustness), nothing retrained: missing = all 0; shifted k px = '
+              'moved k px right, the uncovered columns 0; LiDAR returns dropped = that fraction '
+              'of the pixels with a return set to 0 at random. n/a: the probed patch grid does '
+              'not read the companion, or a LiDAR-only condition on a thermal companion.', '']
+  lines += [
            *(f'- {k}: {v}' for k, v in details.items()), '']
   if 'figure' in paths:
     lines += ['![probe outputs](probe_outputs.png)', '']
@@ -140,6 +159,8 @@ def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
   _write_atomic(paths['markdown'], '\n'.join(lines))
   payload = {'method': row.method, 'training_data': row.training_data,
              'table': table_values(row), 'metrics': row.metrics, 'details': details}
+  if robustness is not None:
+    payload['robustness'] = robustness
   _write_atomic(paths['json'], json.dumps(_jsonable(payload), indent=2))
   return paths
 

@@ -21,6 +21,11 @@ splits the frozen grid's variance into what every token of a frame shares, what 
 grid position only, and the local rest (metrics.FeatureVariance), which tells why a detector
 can or cannot read objects off an encoder.
 
+Robustness rows (beyond the paper, config.probe.robustness): the kept heads are validated once
+more per condition with the companion perturbed (zeroed, shifted, LiDAR returns dropped;
+evaluation/robustness.py), on rendered frames through the encoder even with the cache; the
+report gets a row and report.json a `robustness` entry per condition (null where n/a).
+
 The encoder is frozen and the probe views are deterministic, so every epoch renders the same
 frames and computes the same patch grids. With probe.cache_features the stage runs the encoder
 once over the train and val splits and keeps the grids with the targets on the host
@@ -53,7 +58,7 @@ from jax.experimental import multihost_utils
 
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.data.schema import IGNORE_LABEL
-from lemumo_jax.evaluation import centernet, metrics, report
+from lemumo_jax.evaluation import centernet, metrics, report, robustness
 from lemumo_jax.models import encoders, probes
 from lemumo_jax.training import pretrained, progress
 from lemumo_jax.training import state as state_lib
@@ -465,7 +470,8 @@ def fmt_val(values: dict[str, Any]) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the probes on the frozen encoder, keeps the best validation, writes the report.
 
-  Returns {'metrics': best validation metrics, 'best_step', 'probe_dir', 'report': path,
+  Returns {'metrics': best validation metrics, 'robustness': {condition: the same heads' metrics
+  on perturbed inputs, or None where n/a}, 'best_step', 'probe_dir', 'report': path,
   'history': [(step, train loss)], 'val_history': [(step, val loss)]}.
   """
   workdir = os.path.abspath(workdir)
@@ -474,6 +480,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   metadata = sources.dataset_metadata(config.data)
   heads = tuple(probe_cfg.heads)
   check_heads(heads, metadata, config.data.data_dir)
+  robustness.check_conditions(probe_cfg.robustness)
   image_hw = tuple(int(v) for v in probe_cfg.image_size)
   encoder, encoder_params, model_cfg, encoder_desc = _load_encoder(config, workdir, image_hw)
   geometry = pipeline.ProbeGeometry.create(image_hw, int(model_cfg['patch_size']),
@@ -550,13 +557,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{probe_cfg.batch_size}, validation on {num_val} frames every {probe_cfg.val_every} '
         f'steps', flush=True)
 
-  def evaluate(eval_state, num_figure_frames=0,
-               variance: metrics.FeatureVariance | None = None) -> tuple[dict[str, Any], list]:
-    """One validation pass; with `variance`, the frozen grid's moments accumulate into it."""
+  def evaluate(eval_state, num_figure_frames=0, variance: metrics.FeatureVariance | None = None,
+               condition: str | None = None) -> tuple[dict[str, Any], list]:
+    """One validation pass; with `variance`, the frozen grid's moments accumulate into it; with
+    a robustness `condition`, rendered frames (never the cache) with the companion perturbed."""
     evaluator = ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
-    batches = (cache.val_batches() if cache else
+    batches = (cache.val_batches() if cache and condition is None else
                pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size))
-    for host_batch in batches:
+    for i, host_batch in enumerate(batches):
+      if condition is not None:
+        host_batch = robustness.perturb_batch(host_batch, condition, seed=config.seed,
+                                              batch_index=i)
       batch = state_lib.global_batch(mesh, host_batch)
       losses, preds, moments = eval_step(eval_state, encoder_params, batch)
       targets = {k: v for k, v in batch.items() if k != 'patches'}
@@ -601,29 +612,57 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     best = save_best(probe_dir, step, state, values)
 
   best_state = restore_best(probe_dir, best, state, state_sharding)
-  # What the heads read: how much of the frozen grid's variance is local content.
-  variance = metrics.FeatureVariance()
-  values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames, variance)
-  values.update({f'patch_variance/{k}': v for k, v in variance.result().items()})
+
+  def reported(num_figure_frames=0, condition=None) -> tuple[dict[str, Any], list]:
+    # What the heads read: how much of the frozen grid's variance is local content.
+    variance = metrics.FeatureVariance()
+    values, figure_frames = evaluate(best_state, num_figure_frames, variance, condition)
+    values.update({f'patch_variance/{k}': v for k, v in variance.result().items()})
+    return values, figure_frames
+
+  values, figure_frames = reported(probe_cfg.num_figure_frames)
+  encoder_cfg = None if probe_cfg.encoder == 'raw' else model_cfg
+  companion = metadata.get('companion', 'depth')
+  robust = run_robustness(tuple(probe_cfg.robustness), encoder_cfg, companion,
+                          lambda name: reported(condition=name)[0])
+  writer.write_scalars(best['step'], {f'robust/{name}/{k}': v for name, result in robust.items()
+                                      if result for k, v in result.items() if np.isfinite(v)})
+  writer.flush()
   row = report.ReportRow(
       method=config.method + ENCODERS[probe_cfg.encoder][1],
-      training_data=training_data_label(None if probe_cfg.encoder == 'raw' else model_cfg,
-                                        metadata.get('companion', 'depth')),
-      metrics=values)
+      training_data=training_data_label(encoder_cfg, companion), metrics=values)
   paths = report.write_report(
       probe_dir, row, details={
           'encoder': encoder_desc, 'best_step': best['step'], 'total_steps': total_steps,
           'heads': list(heads), 'cached_features': bool(cache), 'probe_view': list(image_hw),
           'patch_grid': list(geometry.grid_hw),
           'dataset': metadata.get('dataset', config.data.name), 'val_frames': num_val},
-      figure_frames=figure_frames, metadata=metadata, image_hw=image_hw)
-  print(report.markdown_table([row]), flush=True)
+      figure_frames=figure_frames, metadata=metadata, image_hw=image_hw, robustness=robust)
+  print(report.markdown_table([row, *report.robustness_rows(row, robust)]), flush=True)
   print('Patch-grid variance over the val frames (metrics.FeatureVariance): '
         + ', '.join(f'{k} {values[f"patch_variance/{k}"]:.3f}' for k in ('frame', 'position',
                                                                           'local')), flush=True)
   print(f'Probe report: {paths["markdown"]} (figure {paths.get("figure", "none")})', flush=True)
-  return {'metrics': values, 'best_step': best['step'], 'probe_dir': probe_dir,
-          'report': paths['markdown'], 'history': history, 'val_history': val_history}
+  return {'metrics': values, 'robustness': robust, 'best_step': best['step'],
+          'probe_dir': probe_dir, 'report': paths['markdown'], 'history': history,
+          'val_history': val_history}
+
+
+def run_robustness(names: tuple[str, ...], encoder_cfg, companion: str,
+                   evaluate) -> dict[str, dict[str, Any] | None]:
+  """{condition: evaluate(condition), or None where it is n/a}, with a progress line each."""
+  out = {}
+  for name in names:
+    reason = robustness.not_applicable(name, encoder_cfg, companion)
+    if reason:
+      out[name] = None
+      print(f'robustness [{robustness.label(name)}]: n/a ({reason})', flush=True)
+      continue
+    start = time.perf_counter()
+    out[name] = evaluate(name)
+    print(f'robustness [{robustness.label(name)}]: {fmt_val(out[name])} '
+          f'({time.perf_counter() - start:.1f} s)', flush=True)
+  return out
 
 
 def log_train_step(writer, meter: progress.RateMeter, step: int, metrics,
