@@ -3,10 +3,14 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from benchmarks import claims, runs
+from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS
 from lemumo_jax.evaluation import report
 
 T_975 = {1: 12.706204736174694, 2: 4.302652729749462, 3: 3.182446305284263,
@@ -183,3 +187,39 @@ def test_run_claims_reads_the_runs_and_analyses_missing_figure3(tmp_path, monkey
   assert (tmp_path / 'claims.md').read_text() == text
   assert 'SSL: 256 steps of batch 32 on 2048 scenes of 96x128' in text
   assert 'probes: 2048 steps of batch 32, validated on 256 frames' in text
+
+
+@pytest.mark.slow
+def test_claims_command_end_to_end(python_env, tmp_path):
+  """`paper_tables --claims` at the tiny size with one seed: every row runs seed-major, the
+  Figure 3 analysis runs on the seed's Le MuMo and LeJEPA RGB encoders, and claims.md/json hold
+  every claim ('too few seeds': no verdict from one draw); a rerun runs nothing again."""
+  cmd = [sys.executable, '-m', 'benchmarks.paper_tables', '--claims', '--seeds=0',
+         f'--out_dir={tmp_path}', '--', *TINY_FLAGS, *TINY_PROBE_FLAGS,
+         '--config.profile.warmup_steps=1', '--config.profile.timed_steps=1',
+         '--config.analyze.num_points=100', '--config.analyze.perplexity=10',
+         '--config.analyze.max_iter=250']
+  proc = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
+                        timeout=1500)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  started = [l.split(']')[0] + ']' for l in proc.stdout.splitlines() if l.startswith('[')]
+  assert started[:2] == ['[lemumo seed 0]', '[lemumo seed 0]']  # pretrain_probe, profile
+  assert '[analyze seed 0]' in started
+  analysis = json.loads((tmp_path / 'lemumo_seed0' / 'analysis' / 'analysis.json').read_text())
+  assert [e['role'] for e in analysis['encoders']] == ['row', 'reference']
+  assert analysis['encoders'][1]['encoder_dir'] == str(tmp_path / 'lejepa_rgb_seed0' / 'encoder')
+  payload = json.loads((tmp_path / 'claims.json').read_text())
+  assert [c['claim'] for c in payload['claims']] == [c.text for c in claims.CLAIMS]
+  assert {c['verdict'] for c in payload['claims']} == {'too few seeds'}
+  by_kind = {c['kind']: c for c in payload['claims']}
+  assert len(by_kind['fraction']['ratios']) == 1 and 0 < by_kind['fraction']['ratios'][0] < 1
+  purity = payload['claims'][-2]['metrics']['purity_10nn']
+  np.testing.assert_allclose(purity['gains'], [analysis['encoders'][0]['purity_10nn']
+                                               - analysis['encoders'][1]['purity_10nn']])
+  text = (tmp_path / 'claims.md').read_text()
+  assert 'Measured with --config=configs/synthetic.py at commit' in text
+  again = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
+                         timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count('done earlier') == len(claims.ROWS)
+  assert '[analyze seed 0]' not in again.stdout
