@@ -269,7 +269,7 @@ def run_claims(config: str, out_dir: str, seeds: Sequence[str], extra: Sequence[
       analyses[seed] = json.load(f)
   results = evaluate(CLAIMS, seeds, reports, profiles, analyses)
   text = markdown(results, schedule_note(out_dir, config, seeds))
-  runs.write_atomic(os.path.join(out_dir, 'claims.md'), text)
-  runs.write_atomic(os.path.join(out_dir, 'claims.json'),
-                            json.dumps({'seeds': list(seeds), 'claims': results}, indent=2))
+  report.write_text_atomic(os.path.join(out_dir, 'claims.md'), text)
+  report.write_text_atomic(os.path.join(out_dir, 'claims.json'),
+                           json.dumps({'seeds': list(seeds), 'claims': results}, indent=2))
   return text

@@ -48,9 +48,10 @@ from typing import Any
 
 from absl import app, flags
 import numpy as np
+
 from benchmarks import claims
 from benchmarks.runs import (FINETUNE, FROZEN, REPO, TRANSFER, paired_summary,
-                             report_path, run_command, run_dir, split_row, write_atomic)
+                             report_path, run_command, run_dir, split_row)
 from configs import common
 from lemumo_jax.evaluation import report
 
@@ -398,8 +399,8 @@ def main(argv):
   if preset:
     text = f'{preset.title}\n\n{text}'
   os.makedirs(out_dir, exist_ok=True)
-  write_atomic(os.path.join(out_dir, 'tables.md'), text)
-  write_atomic(os.path.join(out_dir, 'tables.json'), json.dumps(result, indent=2))
+  report.write_text_atomic(os.path.join(out_dir, 'tables.md'), text)
+  report.write_text_atomic(os.path.join(out_dir, 'tables.json'), json.dumps(result, indent=2))
   print(text)
   print(f'Tables written to {out_dir}/tables.md and tables.json', flush=True)
   if _CLAIMS.value:

@@ -49,12 +49,6 @@ def paired_summary(gains: Sequence[float]) -> dict[str, Any]:
           'wins': int(sum(g > 0 for g in gains)), 'seeds': n}
 
 
-def write_atomic(path: str, payload: str) -> None:
-  with open(path + '.tmp', 'w') as f:
-    f.write(payload)
-  os.replace(path + '.tmp', path)
-
-
 def run_command(cmd: Sequence[str], label: str, env: Mapping[str, str]) -> None:
   print(f'[{label}] {" ".join(cmd[1:])}', flush=True)
   proc = subprocess.run(cmd, cwd=REPO, env=env)

@@ -112,7 +112,8 @@ def _jsonable(value):
   return value
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes text to path.tmp, then renames it over path: readers never see half a file."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
@@ -156,12 +157,12 @@ def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
   if 'figure' in paths:
     lines += ['![probe outputs](probe_outputs.png)', '']
   lines += ['## All validation metrics', '', '| metric | value |', '|---|---:|', all_metrics, '']
-  _write_atomic(paths['markdown'], '\n'.join(lines))
+  write_text_atomic(paths['markdown'], '\n'.join(lines))
   payload = {'method': row.method, 'training_data': row.training_data,
              'table': table_values(row), 'metrics': row.metrics, 'details': details}
   if robustness is not None:
     payload['robustness'] = robustness
-  _write_atomic(paths['json'], json.dumps(_jsonable(payload), indent=2))
+  write_text_atomic(paths['json'], json.dumps(_jsonable(payload), indent=2))
   return paths
 
 
