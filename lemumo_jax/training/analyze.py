@@ -27,7 +27,7 @@ import numpy as np
 
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.evaluation import embedding_analysis as ea
-from lemumo_jax.training import pretrained
+from lemumo_jax.training import pretrained, probe
 from lemumo_jax.training import state as state_lib
 
 # Paper names of the method rows (configs/common.py METHODS) for the figure's column titles.
@@ -84,14 +84,11 @@ def _load_encoders(config: ml_collections.ConfigDict, workdir: str) -> list[dict
 
 
 def _patch_fn(module, view_cfg: augment.ViewConfig):
-  """jitted (params, rgb [B, H, W, 3] uint8, companion [B, H, W]) -> patches [B, h, w, D],
-  the probe stage's normalisation and readout."""
-  def patches(params, rgb, companion):
-    rgb = augment.normalize(rgb.astype(jnp.float32) / 255.0, view_cfg)
-    companion = companion.astype(jnp.float32)[..., None]
-    features = module.apply({'params': params}, rgb, companion, train=False)
-    return features.patches.astype(jnp.float32)
-  return jax.jit(patches)
+  """jitted (params, rgb [B, H, W, 3] uint8, companion [B, H, W]) -> patches [B, h, w, D]
+  float32: the probe stage's readout (probe.frozen_features_fn)."""
+  features = probe.frozen_features_fn(module, view_cfg)
+  return jax.jit(lambda params, rgb, companion: features(
+      params, {'rgb': rgb, 'companion': companion}).astype(jnp.float32))
 
 
 def _check_grids(encoders, image_hw, grid_hw) -> None:

@@ -295,8 +295,9 @@ class ProbeEvaluator:
 # ------------------------------------------------------------------------------------ steps
 
 
-def _features_fn(encoder, view_cfg: augment.ViewConfig):
-  """features(encoder_params, batch) -> the frozen patch grid [B, h, w, D]; a batch from the
+def frozen_features_fn(encoder, view_cfg: augment.ViewConfig):
+  """features(encoder_params, batch) -> the frozen patch grid [B, h, w, D] of the clean view's
+  'rgb' (uint8) and 'companion' (the probe stage's and mode=analyze's readout); a batch from the
   FeatureCache brings its grid as 'patches'."""
   def features(encoder_params, batch):
     if 'patches' in batch:
@@ -325,7 +326,7 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
   """(train_step, eval_step). train_step(state, encoder_params, batch) -> (state, metrics);
   eval_step(state, encoder_params, batch) -> (per-example losses, predictions, patch_moments of
   the frozen grid)."""
-  features = _features_fn(encoder, view_cfg)
+  features = frozen_features_fn(encoder, view_cfg)
   heads = tuple(heads_module.heads)
 
   def train_step(state, encoder_params, batch):
@@ -526,7 +527,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cache = None
   if probe_cfg.cache_features:
     # Before the probe directory exists: a cache over its memory limit writes nothing.
-    feature_step = jax.jit(_features_fn(encoder, view_cfg),
+    feature_step = jax.jit(frozen_features_fn(encoder, view_cfg),
                            in_shardings=(replicated, data_sharding), out_shardings=data_sharding)
     start = time.perf_counter()
     cache = FeatureCache.build(
