@@ -247,14 +247,31 @@ def schedule_note(out_dir: str, config: str, seeds: Sequence[str]) -> str:
           f'mode=analyze.')
 
 
+def _analysed_encoders(out_dir: str, seed: str) -> list[str] | None:
+  """The encoder dirs a seed's analysis.json compared, or None when there is none."""
+  path = analysis_path(out_dir, seed)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return [e.get('encoder_dir') for e in json.load(f)['encoders']]
+
+
 def run_claims(config: str, out_dir: str, seeds: Sequence[str], extra: Sequence[str],
                env: Mapping[str, str]) -> str:
-  """After paper_tables has run ROWS for every seed: the Figure 3 analyses (skipped where
-  analysis.json exists), then <out_dir>/claims.md and claims.json; returns the markdown."""
+  """After paper_tables has run ROWS for every seed: the Figure 3 analyses (run again where an
+  analysis.json is missing or compared other encoders than the seed's ANALYSIS_ROW and
+  REFERENCE_ROW ones, e.g. a mode=analyze run by hand), then <out_dir>/claims.md and
+  claims.json; returns the markdown."""
   for seed in seeds:
-    if not os.path.exists(analysis_path(out_dir, seed)):
-      runs.run_command(analyze_command(config, out_dir, seed, extra),
-                               f'analyze seed {seed}', env)
+    want = [os.path.join(runs.run_dir(out_dir, row, seed), 'encoder')
+            for row in (ANALYSIS_ROW, REFERENCE_ROW)]
+    found = _analysed_encoders(out_dir, seed)
+    if found != want:
+      if found is not None:
+        print(f'[analyze seed {seed}] {analysis_path(out_dir, seed)} compared {found}, not '
+              f'{want}: analysing again', flush=True)
+      runs.run_command(analyze_command(config, out_dir, seed, extra), f'analyze seed {seed}',
+                       env)
   reports, profiles, analyses = {}, {}, {}
   for row in ROWS:
     for seed in seeds:

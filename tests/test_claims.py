@@ -134,9 +134,9 @@ def _write_json(path, payload):
 
 
 def test_run_claims_reads_the_runs_and_analyses_missing_figure3(tmp_path, monkeypatch):
-  """run_claims on an --out_dir of finished runs: the analysis of a seed without one is run
-  (the command names that seed's Le MuMo workdir and LeJEPA RGB encoder), then claims.md and
-  claims.json come from the runs' own files."""
+  """run_claims on an --out_dir of finished runs: the analysis of a seed whose analysis.json
+  compared other encoders is run again (the command names that seed's Le MuMo workdir and
+  LeJEPA RGB encoder), then claims.md and claims.json come from the runs' own files."""
   out_dir, seeds = str(tmp_path), ['0', '1']
   for seed in seeds:
     for row in claims.ROWS:
@@ -153,16 +153,29 @@ def test_run_claims_reads_the_runs_and_analyses_missing_figure3(tmp_path, monkey
         'data': {'num_train': 2048, 'image_size': [96, 128]}, 'model': {'width': 96, 'depth': 4},
         'train': {'batch_size': 32, 'num_epochs': 4, 'num_steps': 0},
         'probe': {'batch_size': 32}})
+  def encoder(row, seed):
+    return os.path.join(runs.run_dir(out_dir, row, seed), 'encoder')
+
   _write_json(claims.analysis_path(out_dir, '0'),
-              {'encoders': [{'purity_10nn': 0.5, 'planar_r2': 0.4},
-                            {'purity_10nn': 0.4, 'planar_r2': 0.3}]})
+              {'encoders': [{'purity_10nn': 0.5, 'planar_r2': 0.4,
+                             'encoder_dir': encoder('lemumo', '0')},
+                            {'purity_10nn': 0.4, 'planar_r2': 0.3,
+                             'encoder_dir': encoder('lejepa_rgb', '0')}]})
+  # Seed 1's analysis compared another reference (a mode=analyze run by hand): run again.
+  _write_json(claims.analysis_path(out_dir, '1'),
+              {'encoders': [{'purity_10nn': 0.9, 'planar_r2': 0.9,
+                             'encoder_dir': encoder('lemumo', '1')},
+                            {'purity_10nn': 0.1, 'planar_r2': 0.1,
+                             'encoder_dir': encoder('early_fusion', '1')}]})
   ran = []
 
   def fake_run(cmd, label, env):
     ran.append(cmd)
     _write_json(claims.analysis_path(out_dir, '1'),
-                {'encoders': [{'purity_10nn': 0.52, 'planar_r2': 0.38},
-                              {'purity_10nn': 0.41, 'planar_r2': 0.31}]})
+                {'encoders': [{'purity_10nn': 0.52, 'planar_r2': 0.38,
+                               'encoder_dir': encoder('lemumo', '1')},
+                              {'purity_10nn': 0.41, 'planar_r2': 0.31,
+                               'encoder_dir': encoder('lejepa_rgb', '1')}]})
 
   monkeypatch.setattr(runs, 'run_command', fake_run)
   text = claims.run_claims('configs/synthetic.py', out_dir, seeds, ['--config.data.num_val=8'],
