@@ -10,8 +10,8 @@
   python -m benchmarks.step --mode=input --config.data.data_dir=/data/waymo_shards
 
 Every row is `configs/common.py` METHODS[row] applied on top of --config and its overrides, then
-pretrain.build_model / build_objective / make_train_step / jit_train_step and
-state.make_optimizer, exactly as the training loop builds them (via profiling.setup_step).
+THE train step the training loop runs (pretrain.build + jit_train_step, via
+profiling.setup_step).
 
 --mode=step, per row:
   step ms     median wall time of --steps steps after --warmup (each synchronised), fed one

@@ -16,6 +16,10 @@ key is an error. `config.mode` selects what runs:
                    10-NN class purity and a planar depth fit, beside config.analyze.reference_dir
                    -> <workdir>/analysis/{figure3.png, analysis.json}
 
+Preemption: on SIGTERM (a Slurm time limit or preemption, a TPU preemption notice) the running
+stage checkpoints the step it is at and the process exits with status 75 (EX_TEMPFAIL); the same
+command resumes it.
+
 Multi-host (launch/): --distributed calls jax.distributed.initialize(), which finds the
 coordinator, process count and process id itself under Slurm, Open MPI and on Cloud TPU VMs;
 elsewhere pass --coordinator_address, --num_processes and --process_id (or the
@@ -25,6 +29,7 @@ JAX_COORDINATOR_ADDRESS environment variable for the first).
 from __future__ import annotations
 
 import os
+import sys
 
 # TensorFlow is imported only for clu's TensorBoard writer; keep its C++ start-up lines out.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -87,6 +92,15 @@ def main(argv):
                                               config.method)
   if config.mode not in modes.MODES:
     raise app.UsageError(f'config.mode must be one of {modes.MODES}, got {config.mode!r}')
+  from lemumo_jax.training import loop  # pylint: disable=g-import-not-at-top
+  try:
+    run_mode(config, workdir)
+  except loop.Preempted as e:
+    print(str(e), flush=True)
+    sys.exit(loop.EX_TEMPFAIL)
+
+
+def run_mode(config, workdir: str) -> None:
   if config.mode in ('pretrain', 'pretrain_probe'):
     from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
     pretrain.train(config, workdir)

@@ -147,29 +147,17 @@ class StepSetup:
 
 
 def setup_step(config: ml_collections.ConfigDict, total_steps: int) -> StepSetup:
-  """Builds the pretraining step exactly as pretrain.train does (build_model, build_objective,
-  make_optimizer, make_train_step, jit_train_step) for a batch of config.train.batch_size,
-  with a freshly initialised state; `total_steps` only shapes the schedules (learning rate,
-  EMA-teacher momentum)."""
+  """THE pretraining step of pretrain.train (pretrain.build, jit_train_step) for a batch of
+  config.train.batch_size, with a freshly initialised state; `total_steps` only shapes the
+  schedules (learning rate, EMA-teacher momentum)."""
   batch_size = int(config.train.batch_size)
   mesh = state_lib.make_mesh()
-  if batch_size % mesh.size:
-    raise ValueError(f'batch_size={batch_size} is not divisible by the {mesh.size} devices of '
-                     f'the mesh')
-  view_cfg = augment.ViewConfig.from_config(config.views)
-  model = pretrain.build_model(config)
-  objective = pretrain.build_objective(config)
-  schedule = state_lib.learning_rate_schedule(config.optim, total_steps)
-  tx = state_lib.make_optimizer(config.optim, total_steps)
-  init_state = pretrain.make_init_state(model, tx, view_cfg, config.model.companion_channels)
+  init_state, train_step, view_cfg = pretrain.build(config, mesh, total_steps)
   init_key, step_key = jax.random.split(jax.random.PRNGKey(config.seed))
   state_sharding = jax.tree.map(lambda _: state_lib.replicated(mesh),
                                 jax.eval_shape(init_state, init_key))
   state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
-  step_fn = pretrain.jit_train_step(
-      pretrain.make_train_step(model, objective, tx, view_cfg, schedule,
-                               pretrain.build_teacher_momentum(config, total_steps)),
-      mesh, state_sharding)
+  step_fn = pretrain.jit_train_step(train_step, mesh, state_sharding)
   batch = state_lib.global_batch(mesh, constant_host_batch(config.data, batch_size, config.seed,
                                                            with_seg=view_cfg.with_seg))
   return StepSetup(config=config, mesh=mesh, step_fn=step_fn, state=state, batch=batch,

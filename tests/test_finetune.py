@@ -252,7 +252,7 @@ def test_finetune_end_to_end(tmp_path, encoder_dir):
   assert again['history'] == [] and again['best_step'] == result['best_step']
   assert again['metrics']['loss'] == pytest.approx(result['metrics']['loss'], rel=1e-6)
   config.finetune.decoder_hidden = 24
-  with pytest.raises(ValueError, match='different finetune'):
+  with pytest.raises(ValueError, match=r'other settings \(finetune.decoder_hidden: 16 -> 24\)'):
     finetune.run(config, str(tmp_path))
 
 

@@ -5,9 +5,11 @@ batch; and the main.py flags that go with it."""
 import glob
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import jax
@@ -125,3 +127,41 @@ def test_process_flags_need_distributed(python_env, tmp_path):
   assert result.returncode != 0
   assert '--num_processes, --process_id only apply with --distributed' in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_slurm_script_requeues_and_stops_the_processes_at_a_checkpoint(tmp_path):
+  """launch/slurm.sbatch run by bash with stand-ins for srun and scontrol: on Slurm's USR1 (5
+  min before the time limit) it requeues the job, sends SIGTERM to srun and exits with the
+  processes' status once they have checkpointed (75)."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'srun').write_text(
+      '#!/bin/bash\necho "srun $*" >> "$LOG"\n'
+      'trap \'echo "srun got TERM" >> "$LOG"; exit 75\' TERM\n'
+      'echo started >> "$LOG"\nwhile true; do sleep 0.1; done\n')
+  (bin_dir / 'scontrol').write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n')
+  for tool in ('srun', 'scontrol'):
+    os.chmod(bin_dir / tool, 0o755)
+  log = tmp_path / 'log'
+  script = os.path.join(REPO, 'launch', 'slurm.sbatch')
+  text = open(script).read()
+  for directive in ('#SBATCH --requeue', '#SBATCH --signal=B:USR1@300',
+                    '#SBATCH --open-mode=append'):
+    assert directive in text, directive
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', LOG=str(log),
+             SLURM_JOB_ID='42', SLURM_NNODES='1', SLURM_GPUS_ON_NODE='1',
+             SLURM_NTASKS_PER_NODE='1', SLURM_SUBMIT_DIR=REPO)
+  proc = subprocess.Popen(['bash', script, 'configs/waymo.py:lemumo', str(tmp_path / 'w')],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 30
+  while not (log.exists() and 'started' in log.read_text()) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGUSR1)
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 75, out
+  lines = log.read_text().splitlines()
+  assert lines[0].startswith('srun --kill-on-bad-exit=1 python -m lemumo_jax.main '
+                             '--config=configs/waymo.py:lemumo')
+  assert '--distributed' in lines[0]
+  assert lines[2:] == ['scontrol requeue 42', 'srun got TERM'], lines
+  assert 'requeueing' in out

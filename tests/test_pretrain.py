@@ -77,7 +77,7 @@ def test_train_runs_checkpoints_and_exports(tmp_path):
   again = pretrain.train(config, str(tmp_path))
   assert again['start_step'] == 4 and again['history'] == []
   # A different model in the same workdir is refused.
-  with pytest.raises(ValueError, match='different config.model'):
+  with pytest.raises(ValueError, match=r'other settings \(model.width: 32 -> 64\); use a new'):
     pretrain.train(_with_width(config, 64), str(tmp_path))
 
 
@@ -103,16 +103,13 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'checkpoints' / '2')
 
 
-_RUN_TWO_STEPS = textwrap.dedent('''
+_RUN_STEPS = textwrap.dedent('''
     import json, sys
     import jax, numpy as np
     from tests.conftest import tiny_config
     from lemumo_jax.training import pretrain
-    config = tiny_config(num_steps=2)
-    # The hue conversion branches on near-ties between channels, which can flip on a last-bit
-    # difference between vectorised shapes (observed: 8 pixels of one local view); the views
-    # are otherwise bitwise equal across device counts. Compare the rest of the step strictly.
-    config.views.photometric = False
+    config = tiny_config(num_steps=int(sys.argv[2]), checkpoint_every=100)
+    assert config.views.photometric  # the default views: colour jitter with hue included
     summary = pretrain.train(config, sys.argv[1])
     params = jax.device_get(summary['state'].params)
     np.savez(sys.argv[1] + '/params.npz', **{
@@ -123,11 +120,11 @@ _RUN_TWO_STEPS = textwrap.dedent('''
 ''')
 
 
-def _run_two_steps(env, workdir, devices):
+def _run_steps(env, workdir, devices, steps):
   env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', _RUN_TWO_STEPS, str(workdir)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run([sys.executable, '-c', _RUN_STEPS, str(workdir), str(steps)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')][-1]
   return json.loads(line[len('RESULT '):]), dict(np.load(workdir / 'params.npz'))
@@ -140,17 +137,21 @@ NULL_DIRECTIONS = ("['attn']['qkv']['bias']", "['encoder']['norm']['bias']")
 
 
 def test_four_devices_match_one_device(python_env, tmp_path):
-  one, one_params = _run_two_steps(python_env, tmp_path / 'one', 1)
-  four, four_params = _run_two_steps(python_env, tmp_path / 'four', 4)
-  assert one['devices'] == 1 and four['devices'] == 4
+  """30 steps with the default views (photometric augmentation on) on 1 and 4 devices: the
+  losses agree to 1e-5 (the hue sector used to be chosen by float equality, which a 4-device
+  fusion could miss: 8e-3 apart after 30 steps)."""
+  steps = 30
+  one, one_params = _run_steps(python_env, tmp_path / 'one', 1, steps)
+  four, four_params = _run_steps(python_env, tmp_path / 'four', 4, steps)
+  assert one['devices'] == 1 and four['devices'] == 4 and len(one['losses']) == steps
   np.testing.assert_allclose(four['losses'], one['losses'], rtol=1e-5)
   assert one_params.keys() == four_params.keys()
   for name, value in one_params.items():
     if name.endswith(NULL_DIRECTIONS):
-      # Two Adam steps move any element by at most ~2 lr.
-      np.testing.assert_array_less(np.abs(four_params[name] - value), 2.5 * one['lr'])
+      # Each Adam step moves any element by at most ~lr.
+      np.testing.assert_array_less(np.abs(four_params[name] - value), 1.25 * steps * one['lr'])
     else:
-      np.testing.assert_allclose(four_params[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+      np.testing.assert_allclose(four_params[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow

@@ -242,12 +242,17 @@ def adjust_saturation(img: jax.Array, factor: jax.Array) -> jax.Array:
 
 def _rgb_to_hsv(img: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   r, g, b = img[..., 0], img[..., 1], img[..., 2]
-  maxc = jnp.max(img, axis=-1)
+  # The sector is the argmax channel and maxc is read from that channel, never compared with
+  # `==` to a separately computed max: XLA may compute the same pixel's channel twice in
+  # different fusions (1 vs 4 devices), and an exact-equality test can then match no sector.
+  # Hue is continuous across sector boundaries, so a near-tie may pick either side.
+  sector = jnp.argmax(img, axis=-1)
+  maxc = jnp.take_along_axis(img, sector[..., None], axis=-1)[..., 0]
   delta = maxc - jnp.min(img, axis=-1)
   sat = delta / jnp.where(maxc > 0, maxc, 1.0)
   safe = jnp.where(delta > 0, delta, 1.0)
   rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-  hue = jnp.where(maxc == r, bc - gc, jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+  hue = jnp.where(sector == 0, bc - gc, jnp.where(sector == 1, 2.0 + rc - bc, 4.0 + gc - rc))
   hue = jnp.where(delta > 0, jnp.mod(hue / 6.0, 1.0), 0.0)
   return hue, sat, maxc
 

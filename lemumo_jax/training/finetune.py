@@ -18,7 +18,6 @@ report.md, report.json, probe_outputs.png.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -27,12 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from lemumo_jax.data import augment, finetune_views, pipeline, sources
 from lemumo_jax.evaluation import report
 from lemumo_jax.models import decoder
-from lemumo_jax.training import pretrained, probe, progress
+from lemumo_jax.training import loop, pretrained, probe, progress
 from lemumo_jax.training import state as state_lib
 
 GROUPS = ('encoder', 'head')   # param groups, each with its own learning rate
@@ -138,34 +136,19 @@ def make_eval_step(encoder, heads_module, view_cfg: augment.ViewConfig):
 # ------------------------------------------------------------------------------------- loop
 
 
-def _check_run_config(finetune_dir: str, config: ml_collections.ConfigDict,
-                      encoder_dir: str) -> None:
-  """Writes finetune/config.json on a fresh run; a resumed one must match it."""
-  ft = {k: v for k, v in config.finetune.to_dict().items()
-        if k not in (*_RESUMABLE_KEYS, 'encoder_dir')}
-  current = json.loads(json.dumps(
-      {'encoder_dir': encoder_dir, 'model': config.model.to_dict(), 'finetune': ft,
-       'probe.image_size': config.probe.image_size, 'data': config.data.to_dict()},
-      default=list))
-  path = os.path.join(finetune_dir, 'config.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    for key, value in current.items():
-      if previous.get(key) != value:
-        raise ValueError(f'{finetune_dir} holds a fine-tuning run with a different {key} '
-                         f'({previous.get(key)} vs {value}); use a new --workdir')
-  elif jax.process_index() == 0:
-    os.makedirs(finetune_dir, exist_ok=True)
-    state_lib.write_json_atomic(path, current)
-
-
-def _check_finite(state, step: int, finetune_dir: str) -> None:
-  bad = int(jax.device_get(state.nonfinite_step))
-  if bad >= 0:
-    raise FloatingPointError(f'fine-tuning loss became NaN/Inf at step {bad} (checked at step '
-                             f'{step}, {finetune_dir}); lower config.finetune.encoder_lr / '
-                             f'head_lr or set config.finetune.grad_clip')
+def check_run_config(finetune_dir: str, config: ml_collections.ConfigDict, encoder_dir: str,
+                     encoder_params) -> None:
+  """Records finetune/config.json on a fresh run; a resumed one must match it (the encoder it
+  started from included), except _RESUMABLE_KEYS."""
+  loop.check_run_config(
+      os.path.join(finetune_dir, 'config.json'),
+      {'encoder_dir': encoder_dir,
+       'encoder_fingerprint': state_lib.params_fingerprint(encoder_params),
+       'model': config.model, 'seed': config.seed,
+       'finetune': {k: v for k, v in config.finetune.items() if k != 'encoder_dir'},
+       'probe.image_size': config.probe.image_size, 'data': config.data},
+      resumable=tuple(f'finetune.{k}' for k in _RESUMABLE_KEYS),
+      fix='use a new --workdir, or set those values back to resume it')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -181,17 +164,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if ft.select_by not in SELECT_BY:
     raise ValueError(f'config.finetune.select_by must be one of {SELECT_BY}, got '
                      f'{ft.select_by!r}')
-  if ft.val_every < 1 or ft.patience < 1:
-    raise ValueError(f'config.finetune.val_every={ft.val_every} and patience={ft.patience} '
-                     f'must be >= 1')
+  loop.check_schedule(ft, 'finetune', ('log_every', 'checkpoint_every', 'val_every',
+                                        'patience'))
   metadata = sources.dataset_metadata(config.data)
   heads = tuple(ft.heads)
   probe.check_heads(heads, metadata, config.data.data_dir, config_key='finetune.heads')
+  image_hw = loop.check_pair(probe_cfg.image_size, 'probe.image_size')
+  loop.check_pair(probe_cfg.seg_size, 'probe.seg_size')
   encoder_dir = pretrained.resolve_dir(ft.encoder_dir, 'finetune.encoder_dir', workdir)
   encoder, encoder_params, model_cfg = pretrained.load_encoder(encoder_dir, config.model,
                                                                'finetune.encoder_dir')
-  _check_run_config(finetune_dir, config, encoder_dir)
-  image_hw = tuple(int(v) for v in probe_cfg.image_size)
+  check_run_config(finetune_dir, config, encoder_dir, encoder_params)
   geometry = pipeline.ProbeGeometry.create(image_hw, int(model_cfg['patch_size']),
                                            probe_cfg.seg_size)
   num_classes = {key: len(metadata.get(key, ())) for key in ('classes_3d', 'classes_2d',
@@ -229,10 +212,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
          'batch_stats': head.get('batch_stats', {})}, tx)
 
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  manager = state_lib.checkpoint_manager(finetune_dir, ml_collections.ConfigDict(dict(
-      checkpoint_every=ft.checkpoint_every, keep_checkpoints=2)))
-  state, start_step, state_sharding = state_lib.restore_or_init(
-      manager, init_state, (init_key, encoder_params), replicated, 'fine-tuning')
+  checkpoints = loop.Checkpoints(
+      finetune_dir, ft.checkpoint_every, 2, 'fine-tuning',
+      'Lower config.finetune.encoder_lr / head_lr or set config.finetune.grad_clip.')
+  state, start_step, state_sharding = checkpoints.restore_or_init(
+      init_state, (init_key, encoder_params), replicated)
   del encoder_params  # the state holds (and trains) them
   best = probe.read_best(finetune_dir)
 
@@ -262,48 +246,48 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return stale_validations(at_step, best['step'] if best else None, ft.val_every)
 
   writer = progress.metric_writer(finetune_dir)
-  history, val_history = [], []
-  step = start_step
-  stopped = stale(step) >= ft.patience
+  val_history = []
+  stopped = stale(start_step) >= ft.patience
   if stopped:
-    print(f'Fine-tuning stopped early at step {step} in an earlier run ({ft.patience} '
+    print(f'Fine-tuning stopped early at step {start_step} in an earlier run ({ft.patience} '
           f'validations without a new best {ft.select_by})', flush=True)
-  meter = progress.RateMeter(start_step)
   loader = () if stopped else pipeline.probe_train_loader(
       config.data, train_frame, ft.batch_size, seed=config.seed + 2, start_step=start_step,
       num_steps=total_steps)
-  for host_batch in loader:
-    state, step_metrics = train_step(state, state_lib.global_batch(mesh, host_batch))
-    step += 1
-    if step % ft.log_every == 0 or step == total_steps:
-      step_metrics, rate = probe.log_train_step(writer, meter, step, step_metrics, history)
-      _check_finite(state, step, finetune_dir)
-      print(f'finetune step {step}/{total_steps} | loss {step_metrics["loss"]:.4f} '
-            f'({progress.loss_terms(step_metrics, heads)}) | lr {step_metrics["lr_encoder"]:.2e}'
-            f' / {step_metrics["lr_head"]:.2e} | {rate:.2f} steps/s, '
-            f'{rate * ft.batch_size:.1f} samples/s | ETA {progress.eta(total_steps - step, rate)}',
-            flush=True)
-    if step % ft.val_every == 0 or step == total_steps:
-      _check_finite(state, step, finetune_dir)
-      values, _ = evaluate(state)
-      val_history.append((step, values['loss']))
-      writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
-      improved = is_better(values, best, ft.select_by)
-      if improved:
-        best = probe.save_best(finetune_dir, step, state, values)
-      stopped = stale(step) >= ft.patience
-      note = '  [best]' if improved else f'  ({stale(step)}/{ft.patience} without a new best)'
-      print(f'val @ {step}: {probe.fmt_val(values)}{note}', flush=True)
-    if step % ft.checkpoint_every == 0 or step == total_steps or stopped:
-      manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps or stopped)
-    if stopped:
+
+  def on_log(step, scalars, rate):
+    probe.write_train_scalars(writer, step, scalars, rate)
+    print(f'finetune step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
+          f'({progress.loss_terms(scalars, heads)}) | lr {scalars["lr_encoder"]:.2e}'
+          f' / {scalars["lr_head"]:.2e} | {rate:.2f} steps/s, '
+          f'{rate * ft.batch_size:.1f} samples/s | ETA {progress.eta(total_steps - step, rate)}',
+          flush=True)
+
+  def on_validate(step, state):
+    nonlocal best
+    values, _ = evaluate(state)
+    val_history.append((step, values['loss']))
+    writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
+    improved = is_better(values, best, ft.select_by)
+    if improved:
+      best = probe.save_best(finetune_dir, step, state, values)
+    note = '  [best]' if improved else f'  ({stale(step)}/{ft.patience} without a new best)'
+    print(f'val @ {step}: {probe.fmt_val(values)}{note}', flush=True)
+    if stale(step) >= ft.patience:
       print(f'Early stop at step {step}: {ft.patience} validations without a new best '
             f'{ft.select_by} (best at step {best["step"]})', flush=True)
-      break
-  manager.wait_until_finished()
-  writer.flush()
-  if step < total_steps and not stopped:
-    raise RuntimeError(f'the fine-tuning data loader stopped at step {step} of {total_steps}')
+      return True
+    return False
+
+  try:
+    result = loop.train(
+        state, lambda s, b: train_step(s, state_lib.global_batch(mesh, b)), loader,
+        start_step=start_step, total_steps=total_steps, log_every=ft.log_every,
+        checkpoints=checkpoints, on_log=on_log, val_every=ft.val_every,
+        on_validate=on_validate, stopped=stopped)
+  finally:
+    writer.flush()
+  state, step, history, stopped = result.state, result.step, result.history, result.stopped
   stopped_at = step if stopped and step < total_steps else None
   if best is None:  # a finished run resumed with best/ deleted: validate the final state
     values, _ = evaluate(state)

@@ -9,7 +9,6 @@ the step, so a resumed run sees the batches the killed run would have seen.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -18,21 +17,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.models import dino as dino_model
 from lemumo_jax.models import multimae, ssl
 from lemumo_jax.objectives import dino as dino_objective
 from lemumo_jax.objectives import infonce, lejepa, mae, sigreg, vicreg
-from lemumo_jax.training import progress
+from lemumo_jax.training import loop, progress
 from lemumo_jax.training import state as state_lib
 
 Objective = Callable[[jax.Array, dict[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or Inf; the run stops before writing another checkpoint."""
+NonFiniteLossError = loop.NonFiniteLossError
 
 
 OBJECTIVES = ('lejepa', 'vicreg', 'infonce', 'dino', 'mae')
@@ -222,102 +219,110 @@ def jit_train_step(train_step, mesh, state_sharding):
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a run of a different method or model into the same workdir."""
-  path = os.path.join(workdir, 'config.json')
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    # config.dino is read by the dino objective only (other rows' runs may predate it).
-    dino = ('dino',) if config.objective.name == 'dino' else ()
-    for key in ('method', 'model', 'projector', 'objective') + dino:
-      if previous.get(key) != current.get(key):
-        raise ValueError(f'{workdir} holds a run with a different config.{key} '
-                         f'({previous.get(key)} vs {current.get(key)}); use a new --workdir')
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    state_lib.write_json_atomic(path, current)
+# What a pretraining run computes: a rerun into the same workdir must match these sections
+# (config.dino / config.multimae only for the rows that read them) ...
+RUN_SECTIONS = ('method', 'seed', 'data', 'views', 'model', 'projector', 'objective', 'optim',
+                'train')
+# ... except these keys, which change how it runs, not what it computes (logged on resume).
+RESUMABLE = ('train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
+             'data.num_threads', 'data.prefetch', 'data.num_workers')
+
+
+def run_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  extra = (('dino',) if config.objective.name == 'dino' else ()) + (
+      ('multimae',) if config.model.family == 'multimae' else ())
+  return RUN_SECTIONS + extra
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run with other pretraining settings (naming the keys); records the
+  config in <workdir>/config.json on a fresh run."""
+  loop.check_run_config(
+      os.path.join(workdir, 'config.json'), loop.as_json(config),
+      compared=run_sections(config), resumable=RESUMABLE,
+      fix='use a new --workdir, or set those values back to resume it')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The loop's settings, before anything reads data or compiles."""
+  loop.check_schedule(config.train, 'train', ('log_every', 'checkpoint_every',
+                                              'keep_checkpoints'))
+  loop.check_pair(config.data.image_size, 'data.image_size')
+
+
+def build(config: ml_collections.ConfigDict, mesh, total_steps: int):
+  """Validates the pretraining config and builds THE train step, shared by the loop,
+  mode=profile and benchmarks/step.py: (init_state(key), step(state, batch, key), view_cfg)
+  with step unjitted (jit_train_step jits it)."""
+  check_config(config)
+  if config.train.batch_size % mesh.size:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
+                     f'the {mesh.size} devices of the mesh')
+  view_cfg = augment.ViewConfig.from_config(config.views)
+  model = build_model(config)
+  objective = build_objective(config)
+  schedule = state_lib.learning_rate_schedule(config.optim, total_steps)
+  tx = state_lib.make_optimizer(config.optim, total_steps)
+  init_state = make_init_state(model, tx, view_cfg, config.model.companion_channels)
+  step = make_train_step(model, objective, tx, view_cfg, schedule,
+                         build_teacher_momentum(config, total_steps))
+  return init_state, step, view_cfg
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pretrains, checkpoints, exports the encoder; returns a summary (losses, steps, paths)."""
   workdir = os.path.abspath(workdir)
-  _check_workdir_config(workdir, config)
+  check_config(config)
   metadata = sources.dataset_metadata(config.data)
   num_records = int(metadata['splits']['train'])
   total_steps = total_train_steps(config, num_records)
-  view_cfg = augment.ViewConfig.from_config(config.views)
-
   mesh = state_lib.make_mesh()
-  if config.train.batch_size % mesh.size:
-    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
-                     f'the {mesh.size} devices of the mesh')
-  model = build_model(config)
-  objective = build_objective(config)
-  schedule = state_lib.learning_rate_schedule(config.optim, total_steps)
-  tx = state_lib.make_optimizer(config.optim, total_steps)
-  replicated = state_lib.replicated(mesh)
-
-  init_state = make_init_state(model, tx, view_cfg, config.model.companion_channels)
+  init_state, train_step, view_cfg = build(config, mesh, total_steps)
   root_key = jax.random.PRNGKey(config.seed)
   init_key, step_key = jax.random.split(root_key)
-  manager = state_lib.checkpoint_manager(workdir, config.train)
-  state, start_step, state_sharding = state_lib.restore_or_init(
-      manager, init_state, (init_key,), replicated, 'pretraining')
+  jax.eval_shape(init_state, init_key)  # the model builds (shapes only) before ...
+  check_workdir_config(workdir, config)  # ... the run is recorded: a bad config writes nothing
+  replicated = state_lib.replicated(mesh)
+  checkpoints = loop.Checkpoints(
+      workdir, config.train.checkpoint_every, config.train.keep_checkpoints, 'pretraining',
+      'Lower optim.lr, enable optim.grad_clip, or use model.dtype=float32.')
+  state, start_step, state_sharding = checkpoints.restore_or_init(init_state, (init_key,),
+                                                                  replicated)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.method}: {num_params / 1e6:.2f}M params, {num_records} train records, '
         f'{total_steps} steps of batch {config.train.batch_size} on {mesh.size} device(s)',
         flush=True)
 
-  step_fn = jit_train_step(make_train_step(model, objective, tx, view_cfg, schedule,
-                                           build_teacher_momentum(config, total_steps)), mesh,
-                           state_sharding)
+  step_fn = jit_train_step(train_step, mesh, state_sharding)
   loader = pipeline.pretrain_loader(config.data, config.train.batch_size, seed=config.seed,
                                     start_step=start_step, num_steps=total_steps,
                                     with_seg=view_cfg.with_seg)
   writer = progress.metric_writer(workdir)
-  history: list[tuple[int, float]] = []
-  step = start_step
-  meter = progress.RateMeter(start_step)
+  batch_size = config.train.batch_size
 
-  def check_finite():
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad >= 0:
-      raise NonFiniteLossError(
-          f'loss became NaN/Inf at step {bad} ({config.method}, workdir {workdir}); the last '
-          f'good checkpoint is step {manager.latest_step()}. Lower optim.lr, enable '
-          f'optim.grad_clip, or use model.dtype=float32.')
+  def on_log(step, scalars, rate):
+    scalars = dict(scalars, steps_per_sec=rate, samples_per_sec=rate * batch_size)
+    writer.write_scalars(step, scalars)
+    terms = progress.loss_terms(scalars)
+    print(f'step {step}/{total_steps} | loss {scalars["loss"]:.4f}'
+          f'{f" ({terms})" if terms else ""} | lr {scalars["lr"]:.2e} | '
+          f'{rate:.2f} steps/s, {rate * batch_size:.1f} samples/s | '
+          f'ETA {progress.eta(total_steps - step, rate)}', flush=True)
 
-  for host_batch in loader:
-    state, metrics = step_fn(state, state_lib.global_batch(mesh, host_batch), step_key)
-    step += 1
-    if step % config.train.log_every == 0 or step == total_steps:
-      scalars = progress.host_scalars(metrics)
-      check_finite()
-      rate = meter.rate(step)
-      scalars['steps_per_sec'] = rate
-      scalars['samples_per_sec'] = rate * config.train.batch_size
-      writer.write_scalars(step, scalars)
-      history.append((step, scalars['loss']))
-      terms = progress.loss_terms(scalars)
-      print(f'step {step}/{total_steps} | loss {scalars["loss"]:.4f}'
-            f'{f" ({terms})" if terms else ""} | lr {scalars["lr"]:.2e} | '
-            f'{rate:.2f} steps/s, {rate * config.train.batch_size:.1f} samples/s | '
-            f'ETA {progress.eta(total_steps - step, rate)}', flush=True)
-    if step % config.train.checkpoint_every == 0 or step == total_steps:
-      check_finite()
-      manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)
-  manager.wait_until_finished()
-  writer.flush()
-  check_finite()
-  if step < total_steps:
-    raise RuntimeError(f'the data loader stopped at step {step} of {total_steps}')
+  try:
+    result = loop.train(
+        state, lambda s, b: step_fn(s, state_lib.global_batch(mesh, b), step_key), loader,
+        start_step=start_step, total_steps=total_steps, log_every=config.train.log_every,
+        checkpoints=checkpoints, on_log=on_log)
+  finally:
+    writer.flush()
+  state, step = result.state, result.step
+  checkpoints.check_finite(state, step)
   # With an EMA teacher (DINO) the teacher's backbone is the exported encoder, DINO's convention.
   teacher = state_lib.teacher_of(state)
   encoder_params = (state.params if teacher is None else teacher)['encoder']
   export_path = state_lib.export_encoder(workdir, encoder_params, config, step)
-  print(f'Pretraining done: {step} steps; checkpoints in {manager.directory}; encoder '
+  print(f'Pretraining done: {step} steps; checkpoints in {checkpoints.directory}; encoder '
         f'exported to {export_path}', flush=True)
-  return {'history': history, 'final_step': step, 'start_step': start_step,
+  return {'history': result.history, 'final_step': step, 'start_step': start_step,
           'encoder_dir': export_path, 'state': state}

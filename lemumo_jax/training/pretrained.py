@@ -51,13 +51,13 @@ def load_encoder(directory: str, model_cfg: ml_collections.ConfigDict, key: str)
   Raises FileNotFoundError when it holds no exported encoder and ValueError when its model
   config differs from `model_cfg` (config.model) in any key both have.
   """
-  meta_path = os.path.join(directory, 'encoder_config.json')
-  if not os.path.exists(meta_path):
+  meta = state_lib.read_encoder_config(directory)
+  if meta is None:
     raise FileNotFoundError(
-        f'{meta_path} not found (config.{key}={directory!r}): pretrain first, or point '
-        f'config.{key} at the encoder/ directory a pretraining run exported')
-  with open(meta_path) as f:
-    exported = json.load(f)['model']
+        f'{os.path.join(directory, "encoder_config.json")} not found (config.{key}='
+        f'{directory!r}): pretrain first, or point config.{key} at the encoder/ directory a '
+        f'pretraining run exported')
+  exported = meta['model']
   diffs = model_mismatches(exported, model_cfg)
   if diffs:
     listed = ', '.join(f'model.{k}: encoder {a!r} vs config {b!r}' for k, (a, b) in diffs.items())

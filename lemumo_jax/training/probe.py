@@ -60,7 +60,7 @@ from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.data.schema import IGNORE_LABEL
 from lemumo_jax.evaluation import centernet, metrics, report, robustness
 from lemumo_jax.models import encoders, probes
-from lemumo_jax.training import pretrained, progress
+from lemumo_jax.training import loop, pretrained, progress
 from lemumo_jax.training import state as state_lib
 
 OCCUPANCY_FOCAL_GAMMA = 2.0
@@ -149,10 +149,7 @@ def probe_dirname(probe_cfg: ml_collections.ConfigDict) -> str:
 
 def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str,
                 config_key: str = 'probe.heads') -> None:
-  unknown = sorted(set(heads) - set(probes.HEADS))
-  if unknown or not heads:
-    raise ValueError(f'config.{config_key}={list(heads)}: choose one or more of '
-                     f'{list(probes.HEADS)}')
+  loop.check_names(heads, config_key, probes.HEADS)
   needs = {'centernet3d': 'classes_3d', 'centernet2d': 'classes_2d', 'seg': 'seg_classes',
            'occupancy': 'classes_2d'}
   for head in heads:
@@ -478,12 +475,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   probe_cfg = config.probe
   probe_dir = os.path.join(workdir, probe_dirname(probe_cfg))
+  loop.check_schedule(probe_cfg, 'probe', ('log_every', 'checkpoint_every', 'val_every'))
+  loop.check_pair(config.data.image_size, 'data.image_size')
+  image_hw = loop.check_pair(probe_cfg.image_size, 'probe.image_size')
+  loop.check_pair(probe_cfg.seg_size, 'probe.seg_size')
   metadata = sources.dataset_metadata(config.data)
   heads = tuple(probe_cfg.heads)
   check_heads(heads, metadata, config.data.data_dir)
   robustness.check_conditions(probe_cfg.robustness)
-  image_hw = tuple(int(v) for v in probe_cfg.image_size)
   encoder, encoder_params, model_cfg, encoder_desc = _load_encoder(config, workdir, image_hw)
+  run_config = {'encoder': encoder_identity(config, workdir, encoder_params), 'seed': config.seed,
+                'data': config.data,
+                'probe': {k: v for k, v in probe_cfg.items() if k != 'encoder_dir'}}
+  check_probe_config(probe_dir, run_config, record=False)  # before anything is built
   geometry = pipeline.ProbeGeometry.create(image_hw, int(model_cfg['patch_size']),
                                            probe_cfg.seg_size)
   frame = pipeline.ProbeFrame(geometry, heads, len(metadata.get('classes_3d', ())),
@@ -539,11 +543,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f'{sum(int(np.sum(b["valid"])) for b in cache.val)} val frames cached on the host '
           f'({cache.nbytes / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s', flush=True)
 
+  check_probe_config(probe_dir, run_config, record=True)
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  manager = state_lib.checkpoint_manager(probe_dir, ml_collections.ConfigDict(dict(
-      checkpoint_every=probe_cfg.checkpoint_every, keep_checkpoints=2)))
-  state, start_step, state_sharding = state_lib.restore_or_init(
-      manager, init_state, (init_key,), replicated, 'probes')
+  checkpoints = loop.Checkpoints(probe_dir, probe_cfg.checkpoint_every, 2, 'probes',
+                                 'Lower config.probe.lr.')
+  state, start_step, state_sharding = checkpoints.restore_or_init(init_state, (init_key,),
+                                                                  replicated)
   best = read_best(probe_dir)
 
   train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated, data_sharding),
@@ -578,36 +583,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return evaluator.result(), evaluator.figure_frames
 
   writer = progress.metric_writer(probe_dir)
-  history, val_history = [], []
-  step = start_step
-  meter = progress.RateMeter(start_step)
+  val_history = []
   loader_args = dict(seed=config.seed + 1, start_step=start_step, num_steps=total_steps)
   loader = (cache.train_batches(probe_cfg.batch_size, **loader_args) if cache else
             pipeline.probe_train_loader(config.data, frame, probe_cfg.batch_size, **loader_args))
-  for host_batch in loader:
-    state, step_metrics = train_step(state, encoder_params, state_lib.global_batch(mesh, host_batch))
-    step += 1
-    if step % probe_cfg.log_every == 0 or step == total_steps:
-      step_metrics, rate = log_train_step(writer, meter, step, step_metrics, history)
-      _check_finite(state, step, probe_dir)
-      print(f'probe step {step}/{total_steps} | loss {step_metrics["loss"]:.4f} '
-            f'({progress.loss_terms(step_metrics, heads)}) | lr {step_metrics["lr"]:.2e} | '
-            f'{rate:.2f} steps/s | ETA {progress.eta(total_steps - step, rate)}', flush=True)
-    if step % probe_cfg.val_every == 0 or step == total_steps:
-      _check_finite(state, step, probe_dir)
-      values, _ = evaluate(state)
-      val_history.append((step, values['loss']))
-      writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
-      improved = best is None or values['loss'] < best['metrics']['loss']
-      if improved:
-        best = save_best(probe_dir, step, state, values)
-      print(f'val @ {step}: {fmt_val(values)}{"  [best]" if improved else ""}', flush=True)
-    if step % probe_cfg.checkpoint_every == 0 or step == total_steps:
-      manager.save(step, args=ocp.args.StandardSave(state), force=step == total_steps)
-  manager.wait_until_finished()
-  writer.flush()
-  if step < total_steps:
-    raise RuntimeError(f'the probe data loader stopped at step {step} of {total_steps}')
+
+  def on_log(step, scalars, rate):
+    write_train_scalars(writer, step, scalars, rate)
+    print(f'probe step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
+          f'({progress.loss_terms(scalars, heads)}) | lr {scalars["lr"]:.2e} | '
+          f'{rate:.2f} steps/s | ETA {progress.eta(total_steps - step, rate)}', flush=True)
+
+  def on_validate(step, state):
+    nonlocal best
+    values, _ = evaluate(state)
+    val_history.append((step, values['loss']))
+    writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
+    improved = best is None or values['loss'] < best['metrics']['loss']
+    if improved:
+      best = save_best(probe_dir, step, state, values)
+    print(f'val @ {step}: {fmt_val(values)}{"  [best]" if improved else ""}', flush=True)
+    return False
+
+  try:
+    result = loop.train(
+        state, lambda s, b: train_step(s, encoder_params, state_lib.global_batch(mesh, b)),
+        loader, start_step=start_step, total_steps=total_steps, log_every=probe_cfg.log_every,
+        checkpoints=checkpoints, on_log=on_log, val_every=probe_cfg.val_every,
+        on_validate=on_validate)
+  finally:
+    writer.flush()
+  state, step, history = result.state, result.step, result.history
   if best is None:  # a finished run resumed with best/ deleted: validate the final state
     values, _ = evaluate(state)
     best = save_best(probe_dir, step, state, values)
@@ -666,23 +672,43 @@ def run_robustness(names: tuple[str, ...], encoder_cfg, companion: str,
   return out
 
 
-def log_train_step(writer, meter: progress.RateMeter, step: int, metrics,
-                   history: list[tuple[int, float]]) -> tuple[dict[str, float], float]:
-  """A logged train step of the probe / fine-tune loops: (metrics as floats, steps/s); writes
-  them as train/<name> scalars with train/steps_per_sec and appends (step, loss) to history."""
-  scalars = progress.host_scalars(metrics)
-  rate = meter.rate(step)
+def write_train_scalars(writer, step: int, scalars: dict[str, float], rate: float) -> None:
+  """A logged train step of the probe / fine-tune loops as train/<name> scalars, with
+  train/steps_per_sec."""
   writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()}
                        | {'train/steps_per_sec': rate})
-  history.append((step, scalars['loss']))
-  return scalars, rate
 
 
-def _check_finite(state, step: int, probe_dir: str) -> None:
-  bad = int(jax.device_get(state.nonfinite_step))
-  if bad >= 0:
-    raise FloatingPointError(f'probe loss became NaN/Inf at step {bad} (checked at step '
-                             f'{step}, {probe_dir}); lower config.probe.lr')
+# Probe settings a resumed probe run may change: how it runs and what the report shows, not
+# what the heads train on (the best validation is chosen by loss, which these leave alone).
+RESUMABLE = ('probe.log_every', 'probe.checkpoint_every', 'probe.num_figure_frames',
+             'probe.robustness', 'probe.cache_features', 'probe.cache_max_gib',
+             'probe.max_detections', 'probe.score_threshold', 'data.num_threads',
+             'data.prefetch', 'data.num_workers')
+
+
+def encoder_identity(config: ml_collections.ConfigDict, workdir: str,
+                     encoder_params) -> dict[str, Any]:
+  """What the probe heads are trained on: the kind of encoder and its params' fingerprint
+  (with the export's method and step for the message when it changes)."""
+  kind = config.probe.encoder
+  if kind == 'raw':
+    return {'kind': 'raw'}
+  identity = {'kind': kind, 'fingerprint': state_lib.params_fingerprint(encoder_params)}
+  if kind == 'pretrained':
+    directory = pretrained.resolve_dir(config.probe.encoder_dir, 'probe.encoder_dir', workdir)
+    meta = state_lib.read_encoder_config(directory) or {}
+    identity.update(method=meta.get('method'), step=meta.get('step'))
+  return identity
+
+
+def check_probe_config(probe_dir: str, run_config: dict[str, Any], record: bool) -> None:
+  """Refuses to resume probes trained on another encoder or with other settings (heads, data,
+  schedule), naming what changed; a fresh probe directory gets the record."""
+  loop.check_run_config(
+      os.path.join(probe_dir, 'config.json'), run_config, resumable=RESUMABLE, record=record,
+      fix=f'its checkpoints and best heads belong to that run: remove {probe_dir} to train '
+          f'probes for this one, or use another --workdir')
 
 
 def read_best(probe_dir: str) -> dict[str, Any] | None:

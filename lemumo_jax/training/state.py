@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import flax
@@ -161,36 +163,72 @@ def encoder_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'encoder')
 
 
+def params_fingerprint(params: Any) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes: the identity of a set of params (an
+  exported encoder, the encoder a probe's heads were trained on)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params)):
+    leaf = np.asarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|'.encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def read_encoder_config(directory: str) -> dict[str, Any] | None:
+  """encoder_config.json of an export directory, or None when there is none; a truncated or
+  unreadable file is an error naming it."""
+  path = os.path.join(directory, 'encoder_config.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is not readable JSON ({e}); re-export the encoder (rerun '
+                     f'mode=pretrain in its workdir)') from e
+
+
 def export_encoder(workdir: str, encoder_params: Any, config: ml_collections.ConfigDict,
                    step: int) -> str:
   """Writes the encoder the probe stage loads: Orbax params + encoder_config.json.
 
-  Orbax finalises the params directory atomically; the json is written after it via rename,
-  so a reader that finds encoder_config.json finds complete params.
+  Crash-safe at every point: the params go to a new folder named by step and fingerprint
+  (Orbax finalises it atomically), then encoder_config.json is replaced by rename to name it,
+  then older params folders are removed. A reader finds either the old export or the new one,
+  whole. An export whose params equal the current one's (the rerun of a finished run) writes
+  nothing.
   """
   directory = encoder_dir(workdir)
-  params_dir = os.path.join(directory, f'params_{step}')
+  host_params = jax.device_get(encoder_params)
+  fingerprint = params_fingerprint(host_params)
+  previous = read_encoder_config(directory)
+  name = f'params_{step}_{fingerprint[:12]}'
+  if (previous and previous.get('fingerprint') == fingerprint
+      and os.path.isdir(os.path.join(directory, previous['params_dir']))):
+    return directory
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(params_dir, jax.device_get(encoder_params), force=True)
-  checkpointer.wait_until_finished()
+  if not os.path.isdir(os.path.join(directory, name)):
+    checkpointer.save(os.path.join(directory, name), host_params)
+    checkpointer.wait_until_finished()
   meta = {'model': config.model.to_dict(), 'method': config.method, 'step': int(step),
-          'params_dir': os.path.basename(params_dir), 'data': config.data.to_dict()}
-  tmp = os.path.join(directory, '.encoder_config.json.tmp')
+          'params_dir': name, 'fingerprint': fingerprint, 'data': config.data.to_dict()}
   if jax.process_index() == 0:
+    tmp = os.path.join(directory, '.encoder_config.json.tmp')
     with open(tmp, 'w') as f:
       json.dump(meta, f, indent=2, default=list)
     os.replace(tmp, os.path.join(directory, 'encoder_config.json'))
+    for entry in os.listdir(directory):
+      if entry.startswith('params_') and entry != name:
+        shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
   return directory
 
 
 def load_encoder(directory: str) -> tuple[Any, Any, ml_collections.ConfigDict]:
   """(encoder module, params, model config) from an `export_encoder` directory."""
-  meta_path = os.path.join(directory, 'encoder_config.json')
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f'{meta_path} not found: pretrain first (mode=pretrain writes '
-                            f'<workdir>/encoder)')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_encoder_config(directory)
+  if meta is None:
+    raise FileNotFoundError(f'{os.path.join(directory, "encoder_config.json")} not found: '
+                            f'pretrain first (mode=pretrain writes <workdir>/encoder)')
   model_cfg = ml_collections.ConfigDict(meta['model'])
   params = ocp.StandardCheckpointer().restore(os.path.join(directory, meta['params_dir']))
   return encoders.build_encoder(model_cfg), params, model_cfg

@@ -1,0 +1,292 @@
+"""The shared training loop (training/loop.py) and the run-safety rules every stage gets from
+it: config checks before anything is written, resume refusals that name the keys, NaN stops
+that name a finished checkpoint and never save a NaN state, crash-safe encoder export, probes
+tied to the encoder they were trained on, and a clean stop on SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lemumo_jax.training import loop, pretrain, probe
+from lemumo_jax.training import state as state_lib
+from tests.conftest import REPO, TINY_FLAGS, tiny_config
+
+
+# ------------------------------------------------------------------------- a toy stage
+
+
+def _toy(nan_from: int | None = None):
+  """A 1-parameter state and a step whose loss turns NaN at step `nan_from` (1-based)."""
+  tx = optax.sgd(0.1)
+  state = state_lib.create_train_state({'params': {'w': jnp.ones(())}}, tx)
+
+  @jax.jit
+  def step(state, batch):
+    loss = jnp.square(state.params['w'] - batch)
+    if nan_from is not None:
+      loss = jnp.where(state.step + 1 >= nan_from, jnp.nan, loss)
+    grads = {'w': 2 * (state.params['w'] - batch)}
+    return state_lib.apply_gradients(state, tx, grads, loss, {}), {'loss': loss}
+
+  return state, step
+
+
+def _run_toy(tmp_path, *, nan_from=None, total=6, log_every=1, checkpoint_every=2):
+  state, step = _toy(nan_from)
+  checkpoints = loop.Checkpoints(str(tmp_path), checkpoint_every, 10, 'toy', 'Try less.')
+  logged = []
+  result = loop.train(state, step, (np.float32(i) for i in range(total)), start_step=0,
+                      total_steps=total, log_every=log_every, checkpoints=checkpoints,
+                      on_log=lambda s, scalars, rate: logged.append(s))
+  return result, logged
+
+
+def _saved_steps(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if directory.exists() else []
+
+
+def test_loop_logs_saves_and_returns_the_history(tmp_path):
+  result, logged = _run_toy(tmp_path, log_every=4)
+  assert result.step == 6 and not result.stopped
+  assert logged == [4, 6] and [s for s, _ in result.history] == [4, 6]
+  assert _saved_steps(tmp_path) == [2, 4, 6]
+
+
+def test_nan_stop_names_the_last_finished_checkpoint(tmp_path):
+  """NaN at step 3, found at the step-4 log: the error names step 2, whose save was in flight
+  and is finished before the error is raised; nothing after it is saved."""
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r'toy loss became NaN/Inf at step 3 \(checked at step 4\); the last '
+                           r'good checkpoint is step 2 in .*checkpoints\. Try less\.'):
+    _run_toy(tmp_path, nan_from=3, log_every=4)
+  assert _saved_steps(tmp_path) == [2]
+  assert not [n for n in os.listdir(tmp_path / 'checkpoints') if 'tmp' in n]
+
+
+def test_a_nan_state_is_never_saved(tmp_path):
+  """No log step between the NaN and the checkpoint: the save itself refuses (the probe and
+  fine-tune loops used to save it, and a rerun resumed NaN)."""
+  with pytest.raises(loop.NonFiniteLossError, match=r'at step 3 \(checked at step 4\)'):
+    _run_toy(tmp_path, nan_from=3, log_every=100)
+  assert _saved_steps(tmp_path) == [2]
+
+
+def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path):
+  with pytest.raises(loop.NonFiniteLossError, match=r'there is no checkpoint in .*before the '
+                                                    r'first'):
+    _run_toy(tmp_path, nan_from=1, log_every=1)
+  assert _saved_steps(tmp_path) == []
+
+
+def test_probe_never_saves_nan_heads(tmp_path, monkeypatch):
+  """The probe stage through the loop: NaN from step 1 and neither a log nor a validation
+  before the step-2 checkpoint; nothing is saved, no best heads are kept."""
+  config = tiny_config()
+  config.probe.update(encoder='raw', log_every=100, val_every=100)
+  real = probe.probe_losses
+  monkeypatch.setattr(probe, 'probe_losses', lambda *a: {
+      k: v * jnp.nan for k, v in real(*a).items()})
+  with pytest.raises(loop.NonFiniteLossError, match=r'probes loss became NaN/Inf at step 1 '
+                                                    r'\(checked at step 2\); there is no'):
+    probe.run(config, str(tmp_path))
+  assert _saved_steps(tmp_path / 'probe_raw') == []
+  assert not (tmp_path / 'probe_raw' / 'best').exists()
+
+
+# ------------------------------------------------------------------------ config checks
+
+
+@pytest.mark.parametrize('section,key,value,message', [
+    ('train', 'checkpoint_every', 0, r'config\.train\.checkpoint_every=0 must be an integer >= 1'),
+    ('train', 'log_every', 0, r'config\.train\.log_every=0 must be'),
+    ('train', 'num_steps', -3, r'config\.train\.num_steps=-3 must be an integer >= 0'),
+    ('data', 'image_size', (48, 64, 48, 64), r'config\.data\.image_size=\(48, 64, 48, 64\): give '
+                                             r'two positive integers'),
+])
+def test_pretraining_settings_are_checked_before_anything_runs(tmp_path, section, key, value,
+                                                               message):
+  config = tiny_config()
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    pretrain.train(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'config.json')
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('heads', ('seg', 'depth', 'seg'), r"config\.probe\.heads=\['seg', 'depth', 'seg'\] names "
+                                       r"\['seg'\] twice \(ml_collections appends"),
+    ('heads', ('seg', 'nope'), r'config\.probe\.heads=.*choose one or more of'),
+    ('image_size', (48, 64, 48, 64), r'config\.probe\.image_size=.*two positive integers'),
+    ('val_every', 0, r'config\.probe\.val_every=0 must be an integer >= 1'),
+])
+def test_probe_settings_are_checked_before_anything_runs(tmp_path, key, value, message):
+  config = tiny_config()
+  config.probe.encoder = 'raw'
+  config.probe[key] = value
+  with pytest.raises(ValueError, match=message):
+    probe.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'probe_raw')
+
+
+def test_an_invalid_config_writes_no_record(tmp_path):
+  """The first run with an invalid model writes nothing, so the corrected rerun is accepted
+  (config.json used to be written first and then refused it)."""
+  bad = tiny_config()
+  bad.model.family = 'nope'
+  with pytest.raises(ValueError):
+    pretrain.train(bad, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'config.json')
+  pretrain.check_workdir_config(str(tmp_path), tiny_config())  # the corrected run: accepted
+  assert os.path.exists(tmp_path / 'config.json')
+
+
+@pytest.mark.parametrize('section,key,value', [
+    ('train', 'batch_size', 16), ('seed', None, 1), ('optim', 'lr', 3e-4),
+    ('train', 'num_steps', 40), ('data', 'name', 'arrayrecord'), ('views', 'num_local', 1)])
+def test_resuming_with_other_settings_is_refused_naming_the_key(tmp_path, section, key, value):
+  pretrain.check_workdir_config(str(tmp_path), tiny_config())
+  changed = tiny_config()
+  if key is None:
+    changed[section] = value
+  else:
+    changed[section][key] = value
+  name = section if key is None else f'{section}.{key}'
+  with pytest.raises(ValueError, match=rf'other settings \({name}: .* -> {value!r}\); use a '
+                                       rf'new --workdir'):
+    pretrain.check_workdir_config(str(tmp_path), changed)
+
+
+def test_resume_compatible_changes_are_logged_and_recorded(tmp_path, capsys):
+  pretrain.check_workdir_config(str(tmp_path), tiny_config())
+  changed = tiny_config()
+  changed.train.log_every = 7
+  changed.probe.lr = 0.5   # not a pretraining setting: not compared
+  pretrain.check_workdir_config(str(tmp_path), changed)
+  assert 'Resuming with changed settings (resume-compatible): train.log_every: 1 -> 7' in (
+      capsys.readouterr().out)
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['log_every'] == 7
+
+
+def test_a_truncated_record_is_named(tmp_path):
+  pretrain.check_workdir_config(str(tmp_path), tiny_config())
+  path = tmp_path / 'config.json'
+  path.write_text(path.read_text()[:50])
+  with pytest.raises(ValueError, match=rf'{path} is not readable JSON'):
+    pretrain.check_workdir_config(str(tmp_path), tiny_config())
+
+
+# ------------------------------------------------------------------------- encoder export
+
+
+def _random_encoder_params(config, seed):
+  from lemumo_jax.models import encoders  # pylint: disable=g-import-not-at-top
+  module = encoders.build_encoder(config.model)
+  return module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)),
+                     jnp.zeros((1, 32, 32, 1)), train=False)['params']
+
+
+def _assert_params_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_export_is_crash_safe_and_skipped_when_unchanged(tmp_path, monkeypatch):
+  config = tiny_config()
+  first, second = _random_encoder_params(config, 0), _random_encoder_params(config, 1)
+  directory = state_lib.export_encoder(str(tmp_path), first, config, step=4)
+  meta = state_lib.read_encoder_config(directory)
+  assert meta['fingerprint'] == state_lib.params_fingerprint(first)
+
+  # The same params again (every pretrain_probe rerun of a finished run): nothing written.
+  def no_save(*args, **kwargs):
+    raise AssertionError('an unchanged encoder was written again')
+  monkeypatch.setattr(state_lib.ocp.StandardCheckpointer, 'save', no_save)
+  state_lib.export_encoder(str(tmp_path), first, config, step=4)
+  monkeypatch.undo()
+
+  # Killed after the new params, before encoder_config.json names them: the old export is
+  # still whole (it used to be overwritten in place, same step, under the old json).
+  real_replace = os.replace
+
+  def killed(src, dst):
+    if dst.endswith('encoder_config.json'):
+      raise KeyboardInterrupt('killed')
+    return real_replace(src, dst)
+  monkeypatch.setattr(state_lib.os, 'replace', killed)
+  with pytest.raises(KeyboardInterrupt):
+    state_lib.export_encoder(str(tmp_path), second, config, step=4)
+  monkeypatch.undo()
+  _, params, _ = state_lib.load_encoder(directory)
+  _assert_params_equal(params, first)
+
+  # The rerun completes the export and removes the old params.
+  state_lib.export_encoder(str(tmp_path), second, config, step=4)
+  _, params, _ = state_lib.load_encoder(directory)
+  _assert_params_equal(params, second)
+  assert [n for n in os.listdir(directory) if n.startswith('params_')] == [
+      state_lib.read_encoder_config(directory)['params_dir']]
+
+
+def test_probes_refuse_heads_of_another_encoder_or_other_heads(tmp_path):
+  """Probe, re-export a different encoder into the workdir, probe again: refused with the
+  encoder's step and fingerprint named (it used to resume the stale heads). A rerun with other
+  heads is refused naming probe.heads (it used to fail inside Orbax's tree matching)."""
+  config = tiny_config()
+  config.probe.robustness = ()
+  first = _random_encoder_params(config, 0)
+  state_lib.export_encoder(str(tmp_path), first, config, step=40)
+  result = probe.run(config, str(tmp_path))
+  again = probe.run(config, str(tmp_path))  # the same encoder: resumes, nothing to train
+  assert again['history'] == [] and again['best_step'] == result['best_step']
+
+  other_heads = tiny_config()
+  other_heads.probe.update(robustness=(), heads=('seg', 'depth'))
+  with pytest.raises(ValueError, match=r"probe\.heads: \['centernet3d', 'seg', 'depth', "
+                                       r"'occupancy'\] -> \['seg', 'depth'\]\); its checkpoints"):
+    probe.run(other_heads, str(tmp_path))
+
+  state_lib.export_encoder(str(tmp_path), _random_encoder_params(config, 1), config, step=60)
+  with pytest.raises(ValueError, match=r'encoder\.fingerprint: .*encoder\.step: 40 -> 60\); '
+                                       r'its checkpoints and best heads belong to that run: '
+                                       r'remove .*probe to train'):
+    probe.run(config, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- preemption
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(python_env, tmp_path):
+  """SIGTERM mid-pretraining (a Slurm time limit, a preemption): the step it is at is
+  checkpointed, the process exits with EX_TEMPFAIL, and the same command resumes there."""
+  command = [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
+             f'--workdir={tmp_path}', *TINY_FLAGS, '--config.train.num_steps=60',
+             '--config.train.checkpoint_every=1000']
+  proc = subprocess.Popen(command, cwd=REPO, env=python_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    assert line or proc.poll() is None, ''.join(lines)[-3000:]
+    lines.append(line)
+    if line.startswith('step 3/60'):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == loop.EX_TEMPFAIL, out[-3000:]
+  preempted_at = int(out.split('pretraining preempted (SIGTERM) at step ')[1].split(':')[0])
+  assert 3 <= preempted_at < 60 and _saved_steps(tmp_path) == [preempted_at]
+  rerun = subprocess.run(command, cwd=REPO, env=python_env, capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'Resuming pretraining from step {preempted_at} ' in rerun.stdout
