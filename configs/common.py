@@ -10,8 +10,6 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from lemumo_jax.data import synthetic
-
 # Paper row -> the config values that define it. Each entry is applied on top of the
 # dataset defaults; keys are dotted paths into the config.
 METHODS: dict[str, dict[str, object]] = {
@@ -137,8 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
       'num_val': 0,               # synthetic only
       'seed': 0,                  # synthetic only: which scenes
       # synthetic only: objects' distance along the road (metres), by default within the range
-      # a 96 x 128 view resolves (OBJECT_RANGE's comment says why)
-      'object_range': synthetic.OBJECT_RANGE,
+      # a 96 x 128 view resolves (data/synthetic.py OBJECT_RANGE, the same value, says why)
+      'object_range': (4.0, 30.0),
       'num_threads': 4,           # grain read threads
       'prefetch': 4,
       'num_workers': 0,           # grain worker processes (0: threads only)

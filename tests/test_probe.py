@@ -14,7 +14,7 @@ from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config
 from lemumo_jax.data import geometry, pipeline, synthetic
 from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import probes
-from lemumo_jax.training import pretrain, probe
+from lemumo_jax.training import pretrain, probe, probe_tasks
 
 
 # ------------------------------------------------------------------------------------ heads
@@ -108,21 +108,21 @@ def test_segmentation_and_depth_losses_match_numpy():
   valid = labels != 255
   want = -np.take_along_axis(log_p, np.where(valid, labels, 0)[..., None].astype(int),
                              -1)[..., 0][valid].mean()
-  np.testing.assert_allclose(probe._seg_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)),
+  np.testing.assert_allclose(probe_tasks._seg_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)),
                              want, rtol=1e-5)
   pred = rng.uniform(1, 50, size=(2, 8, 8))
   target = rng.uniform(1, 50, size=(2, 8, 8)) * (rng.uniform(size=(2, 8, 8)) > 0.7)
   want = np.abs(pred - target)[target > 0].mean()
-  np.testing.assert_allclose(probe._depth_loss(jnp.asarray(pred, jnp.float32),
+  np.testing.assert_allclose(probe_tasks._depth_loss(jnp.asarray(pred, jnp.float32),
                                                jnp.asarray(target, jnp.float32)), want, rtol=1e-5)
-  assert float(probe._depth_loss(jnp.ones((1, 2, 2)), jnp.zeros((1, 2, 2)))) == 0.0
+  assert float(probe_tasks._depth_loss(jnp.ones((1, 2, 2)), jnp.zeros((1, 2, 2)))) == 0.0
 
 
 def test_occupancy_losses_match_numpy():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 4, 5, 3)) * 3
   target = (rng.uniform(size=(2, 4, 5, 3)) > 0.6).astype(np.float64)
-  got = {k: float(v) for k, v in probe.occupancy_losses(jnp.asarray(logits, jnp.float32),
+  got = {k: float(v) for k, v in probe_tasks.occupancy_losses(jnp.asarray(logits, jnp.float32),
                                                          jnp.asarray(target, jnp.float32)).items()}
   p = _np_sigmoid(logits)
   bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
@@ -134,7 +134,7 @@ def test_occupancy_losses_match_numpy():
   np.testing.assert_allclose(got['consistency'],
                              np.mean(np.abs(p[..., -1] - p[..., :-1].max(-1))), rtol=1e-5)
   # A confident correct prediction has near-zero focal and Dice loss.
-  perfect = probe.occupancy_losses(jnp.asarray((2 * target - 1) * 20, jnp.float32),
+  perfect = probe_tasks.occupancy_losses(jnp.asarray((2 * target - 1) * 20, jnp.float32),
                                    jnp.asarray(target, jnp.float32))
   assert float(perfect['focal']) < 1e-8 and float(perfect['dice']) < 0.05
 
@@ -173,16 +173,16 @@ def test_probe_losses_sum_heads_and_are_per_example_under_vmap():
       'occupancy': jnp.asarray(rng.uniform(size=(2, 4, 4, 4)) > 0.5, jnp.float32),
   }
   batch['ct3d_heatmap'] = batch['ct3d_heatmap'].at[0, 0, 3, 1].set(1.0)
-  losses = probe.probe_losses(outputs, batch, heads)
+  losses = probe_tasks.probe_losses(outputs, batch, heads)
   np.testing.assert_allclose(losses['loss'], sum(losses[h] for h in heads), rtol=1e-6)
   np.testing.assert_allclose(
       losses['centernet3d'], sum(losses[f'centernet3d/{t}'] for t in
                                  ('heatmap', 'offset', 'size', 'depth', 'yaw')), rtol=1e-6)
   one = lambda tree, i: jax.tree.map(lambda x: x[i:i + 1], tree)
-  per_example = jax.vmap(lambda o, b: probe.probe_losses(
+  per_example = jax.vmap(lambda o, b: probe_tasks.probe_losses(
       jax.tree.map(lambda x: x[None], o), jax.tree.map(lambda x: x[None], b), heads))(outputs, batch)
   for i in range(2):
-    single = probe.probe_losses(one(outputs, i), one(batch, i), heads)
+    single = probe_tasks.probe_losses(one(outputs, i), one(batch, i), heads)
     np.testing.assert_allclose(per_example['loss'][i], single['loss'], rtol=1e-5)
 
 

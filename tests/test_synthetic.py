@@ -236,3 +236,19 @@ def test_intersect_boxes_against_brute_force_marching():
   extent = extent[index[hits]]
   assert np.all((local > -1e-9) & (local < extent + 1e-9))
   assert np.all(np.min(np.minimum(np.abs(local), np.abs(extent - local)), 1) < 1e-9)
+
+
+def test_configs_import_nothing_from_the_package():
+  """configs/ stays plain config (readable without the package): the synthetic default range
+  is written there, and must equal the generator's OBJECT_RANGE."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for path in glob.glob(os.path.join(repo, 'configs', '*.py')):
+    for node in ast.walk(ast.parse(open(path).read())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+      assert not any(n.startswith('lemumo_jax') for n in names), (path, names)
+  assert tuple(common.base_config().data.object_range) == synthetic.OBJECT_RANGE

@@ -30,7 +30,7 @@ import optax
 from lemumo_jax.data import augment, finetune_views, pipeline, sources
 from lemumo_jax.evaluation import report
 from lemumo_jax.models import decoder
-from lemumo_jax.training import loop, pretrained, probe, progress
+from lemumo_jax.training import loop, pretrained, probe, probe_tasks, progress
 from lemumo_jax.training import state as state_lib
 
 GROUPS = ('encoder', 'head')   # param groups, each with its own learning rate
@@ -107,7 +107,7 @@ def make_train_step(encoder, heads_module, tx, view_cfg: augment.ViewConfig,
       outputs, updates = heads_module.apply(
           {'params': params['head'], 'batch_stats': state.batch_stats}, patches, train=True,
           mutable=['batch_stats'])
-      losses = probe.probe_losses(outputs, batch, heads)
+      losses = probe_tasks.probe_losses(outputs, batch, heads)
       return losses['loss'], (losses, updates.get('batch_stats', {}))
 
     (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -236,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{ft.val_every} steps, patience {ft.patience}', flush=True)
 
   def evaluate(eval_state, num_figure_frames=0):
-    evaluator = probe.ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
+    evaluator = probe_tasks.ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
     for host_batch in pipeline.probe_eval_loader(config.data, frame, ft.batch_size):
       batch = state_lib.global_batch(mesh, host_batch)
       evaluator.update(*probe.to_host((*eval_step(eval_state, batch), batch)))

@@ -1,10 +1,11 @@
-"""THE pretraining loop, for every method: model and objective are plugged in by config.
+"""Pretraining, for every method: model and objective are plugged in by config.
 
-One jitted step over a `Mesh(('data',))`: the host batch becomes a global array sharded on
-'data', params are replicated, views are cut on the device (augment.py), and the loss is
-reduced over the global batch by XLA. Orbax saves every `checkpoint_every` steps and a rerun
-with the same --workdir resumes from the latest checkpoint; the data order is a function of
-the step, so a resumed run sees the batches the killed run would have seen.
+`build` makes THE train step (the loop, mode=profile and benchmarks/step.py all run it): one
+jitted step over a `Mesh(('data',))`; the host batch becomes a global array sharded on 'data',
+params are replicated, views are cut on the device (augment.py), and the loss is reduced over
+the global batch by XLA. `train` hands it to the shared loop (loop.py: checkpoints, NaN check,
+resume rules, preemption); the data order is a function of the step, so a resumed run sees the
+batches the killed run would have seen. The encoder is exported at the end (state.py).
 """
 
 from __future__ import annotations

@@ -8,13 +8,7 @@ crop, flip or colour). The heads train with AdamW for probe.num_epochs, are vali
 full val split every probe.val_every steps, and the validation with the lowest total probe loss
 is kept: its params are saved and its metrics are the reported numbers.
 
-Losses, per head:
-  centernet3d  CenterNet focal heatmap loss + L1 on offset, log size, log depth, (sin, cos) yaw
-  centernet2d  focal heatmap loss + L1 on offset and log (w, h)
-  seg          softmax cross-entropy over labelled pixels (IGNORE_LABEL skipped)
-  depth        L1 in metres over pixels with a depth label
-  occupancy    focal-reweighted BCE-with-logits + soft Dice + 0.1 x consistency between the
-               'any object' channel and the max over the class channels
+The heads' losses and the validation metrics are in probe_tasks.py.
 
 The report also carries `patch_variance/{frame,position,local}`: the final validation pass
 splits the frozen grid's variance into what every token of a frame shares, what depends on the
@@ -29,9 +23,9 @@ report gets a row and report.json a `robustness` entry per condition (null where
 The encoder is frozen and the probe views are deterministic, so every epoch renders the same
 frames and computes the same patch grids. With probe.cache_features the stage runs the encoder
 once over the train and val splits and keeps the grids with the targets on the host
-(FeatureCache); training then draws the same frames per step as the uncached loader
-(pipeline.training_positions), so the numbers are the uncached run's, at the cost of the probe
-heads alone per step. The cache refuses to start, before anything is written, when its size
+(feature_cache.FeatureCache); training then draws the same frames per step as the uncached
+loader (pipeline.training_positions), so the numbers are the uncached run's, at the cost of the
+probe heads alone per step. The cache refuses to start, before anything is written, when its size
 would exceed probe.cache_max_gib per host.
 
 Files under <workdir>/probe (probe_random for the random-encoder control, probe_raw for the raw
@@ -45,7 +39,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -57,80 +50,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from lemumo_jax.data import augment, pipeline, sources
-from lemumo_jax.data.schema import IGNORE_LABEL
-from lemumo_jax.evaluation import centernet, metrics, report, robustness
+from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import encoders, probes
-from lemumo_jax.training import loop, pretrained, progress
+from lemumo_jax.training import feature_cache, loop, pretrained, probe_tasks, progress
 from lemumo_jax.training import state as state_lib
-
-OCCUPANCY_FOCAL_GAMMA = 2.0
-OCCUPANCY_CONSISTENCY_WEIGHT = 0.1
-REGRESSION_3D = ('offset', 'size', 'depth', 'yaw')
-REGRESSION_2D = ('offset', 'wh')
-
-
-# ----------------------------------------------------------------------------------- losses
-
-
-def _seg_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  labels = labels.astype(jnp.int32)
-  valid = labels != IGNORE_LABEL
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                       jnp.where(valid, labels, 0))
-  return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
-
-
-def _depth_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
-  valid = target > 0
-  return jnp.sum(jnp.abs(pred - target) * valid) / jnp.maximum(jnp.sum(valid), 1)
-
-
-def occupancy_losses(logits: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
-  """logits, target [B, h, w, C + 1] (the last channel = any object) -> focal BCE, Dice,
-  consistency (each a scalar)."""
-  logits = logits.astype(jnp.float32)
-  prob = jax.nn.sigmoid(logits)
-  bce = optax.sigmoid_binary_cross_entropy(logits, target)
-  p_t = prob * target + (1 - prob) * (1 - target)
-  focal = jnp.mean(bce * (1 - p_t)**OCCUPANCY_FOCAL_GAMMA)
-  intersection = jnp.sum(prob * target, axis=(1, 2))
-  dice = 1 - (2 * intersection + 1) / (jnp.sum(prob, axis=(1, 2)) + jnp.sum(target, axis=(1, 2))
-                                       + 1)
-  out = {'focal': focal, 'dice': jnp.mean(dice)}
-  if logits.shape[-1] > 2:  # several classes plus 'any'
-    out['consistency'] = jnp.mean(jnp.abs(prob[..., -1] - jnp.max(prob[..., :-1], axis=-1)))
-  else:
-    out['consistency'] = jnp.zeros(())
-  return out
-
-
-def probe_losses(outputs: dict[str, Any], batch: dict[str, jax.Array],
-                 heads: tuple[str, ...]) -> dict[str, jax.Array]:
-  """Batch losses: '<head>' (that head's total), '<head>/<term>', and 'loss' = sum of heads."""
-  out = {}
-  for head, prefix, regression in (('centernet3d', 'ct3d', REGRESSION_3D),
-                                   ('centernet2d', 'ct2d', REGRESSION_2D)):
-    if head not in heads:
-      continue
-    pred = outputs[head]
-    terms = {'heatmap': centernet.focal_heatmap_loss(pred['heatmap'], batch[f'{prefix}_heatmap'])}
-    for name in regression:
-      terms[name] = centernet.masked_l1_loss(pred[name], batch[f'{prefix}_index'],
-                                             batch[f'{prefix}_{name}'], batch[f'{prefix}_mask'])
-    out.update({f'{head}/{k}': v for k, v in terms.items()})
-    out[head] = sum(terms.values())
-  if 'seg' in heads:
-    out['seg'] = _seg_loss(outputs['seg'], batch['seg'])
-  if 'depth' in heads:
-    out['depth'] = _depth_loss(outputs['depth'], batch['depth'])
-  if 'occupancy' in heads:
-    terms = occupancy_losses(outputs['occupancy'], batch['occupancy'])
-    out.update({f'occupancy/{k}': v for k, v in terms.items()})
-    out['occupancy'] = (terms['focal'] + terms['dice']
-                        + OCCUPANCY_CONSISTENCY_WEIGHT * terms['consistency'])
-  out['loss'] = sum(out[h] for h in heads)
-  return out
-
 
 # ----------------------------------------------------------------------------------- set-up
 
@@ -196,99 +119,6 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-# ------------------------------------------------------------------------------- evaluation
-
-
-class ProbeEvaluator:
-  """Accumulates one validation pass: per-example losses, detections, seg, depth, occupancy."""
-
-  def __init__(self, heads, metadata, geometry: pipeline.ProbeGeometry, probe_cfg,
-               num_figure_frames: int = 0):
-    self.heads, self.geometry, self.cfg = tuple(heads), geometry, probe_cfg
-    self.classes_3d = tuple(metadata.get('classes_3d', ()))
-    self.classes_2d = tuple(metadata.get('classes_2d', ()))
-    self.seg_classes = tuple(metadata.get('seg_classes', ()))
-    self.det3d = metrics.Detection3DAccumulator(self.classes_3d)
-    self.det2d = metrics.Detection2DAccumulator(self.classes_2d)
-    self.seg = metrics.SegmentationMetric(max(len(self.seg_classes), 1))
-    self.depth = metrics.DepthMAE()
-    channels = len(self.classes_2d) + 1
-    self.occ_inter, self.occ_union = np.zeros(channels), np.zeros(channels)
-    self.loss_sums: dict[str, float] = {}
-    self.count = 0
-    self.num_figure_frames = num_figure_frames
-    self.figure_frames: list[dict[str, Any]] = []
-
-  def update(self, losses: dict[str, np.ndarray], preds: dict[str, np.ndarray],
-             batch: dict[str, np.ndarray]) -> None:
-    valid = np.asarray(batch['valid']) > 0
-    for name, values in losses.items():
-      self.loss_sums[name] = self.loss_sums.get(name, 0.0) + float(np.sum(values[valid]))
-    self.count += int(valid.sum())
-    cfg, geo = self.cfg, self.geometry
-    for b in np.flatnonzero(valid):
-      frame = {}
-      for dim, accumulator in (('3d', self.det3d), ('2d', self.det2d)):
-        if f'centernet{dim}' not in self.heads:
-          continue
-        if dim == '3d':
-          decoded = centernet.decode_3d(
-              *(preds[f'ct3d_{k}'][b] for k in ('heatmap', *REGRESSION_3D)),
-              batch['intrinsics'][b], geo.image_hw, k=cfg.max_detections,
-              score_threshold=cfg.score_threshold)
-        else:
-          decoded = centernet.decode_2d(
-              *(preds[f'ct2d_{k}'][b] for k in ('heatmap', *REGRESSION_2D)), geo.image_hw,
-              k=cfg.max_detections, score_threshold=cfg.score_threshold)
-        gt = batch[f'gt{dim}_mask'][b] > 0
-        gt_boxes, gt_classes = batch[f'gt{dim}_boxes'][b][gt], batch[f'gt{dim}_classes'][b][gt]
-        accumulator.update(*decoded, gt_boxes, gt_classes)
-        frame.update({f'pred_boxes{dim}': decoded[0], f'pred_scores{dim}': decoded[1],
-                      f'pred_classes{dim}': decoded[2], f'gt_boxes{dim}': gt_boxes,
-                      f'gt_classes{dim}': gt_classes})
-      if len(self.figure_frames) < self.num_figure_frames:
-        frame.update(rgb=batch['rgb'][b], intrinsics=batch['intrinsics'][b])
-        for key in ('seg', 'depth', 'occupancy'):
-          if key in self.heads:
-            frame[f'pred_{key}'], frame[f'gt_{key}'] = preds[key][b], batch[key][b]
-        self.figure_frames.append(frame)
-    if 'seg' in self.heads:
-      self.seg.update(preds['seg'][valid], batch['seg'][valid])
-    if 'depth' in self.heads:
-      self.depth.update(preds['depth'][valid], batch['depth'][valid])
-    if 'occupancy' in self.heads:
-      pred, target = preds['occupancy'][valid] > 0.5, batch['occupancy'][valid] > 0.5
-      self.occ_inter += np.sum(pred & target, axis=(0, 1, 2))
-      self.occ_union += np.sum(pred | target, axis=(0, 1, 2))
-
-  def result(self) -> dict[str, Any]:
-    """Flat metrics: 'loss' and 'loss/<part>' (mean per frame), then per head: mAP_XY, ADE_XY,
-    mAP_XZ, AP_XY/<class>, ...; mAP50, AP50/<class>; seg_mIoU, IoU/<class>; depth_MAE (m);
-    occupancy_IoU ('any object') and occupancy_IoU/<class>. AP and IoU are fractions."""
-    if not self.count:
-      raise RuntimeError('the validation pass saw no frames')
-    out = {('loss' if k == 'loss' else f'loss/{k}'): v / self.count
-           for k, v in self.loss_sums.items()}
-    if 'centernet3d' in self.heads:
-      out.update(self.det3d.summary())
-    if 'centernet2d' in self.heads:
-      out.update(self.det2d.summary())
-    if 'seg' in self.heads:
-      seg = self.seg.result()
-      out['seg_mIoU'] = seg['mIoU']
-      out.update({f'IoU/{n}': float(v) for n, v in zip(self.seg_classes, seg['IoU'])})
-    if 'depth' in self.heads:
-      out['depth_MAE'] = self.depth.result()
-    if 'occupancy' in self.heads:
-      # Neutral empty-union policy: a channel nobody (target or prediction) occupied over the
-      # split has no IoU and is left out, neither 0 nor 1.
-      iou = np.divide(self.occ_inter, self.occ_union, out=np.full(self.occ_union.shape, np.nan),
-                      where=self.occ_union > 0)
-      out['occupancy_IoU'] = float(iou[-1])
-      out.update({f'occupancy_IoU/{n}': float(v) for n, v in zip(self.classes_2d, iou[:-1])})
-    return out
-
-
 # ------------------------------------------------------------------------------------ steps
 
 
@@ -333,7 +163,7 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
       outputs, updates = heads_module.apply(
           {'params': params, 'batch_stats': state.batch_stats}, patches, train=True,
           mutable=['batch_stats'])
-      losses = probe_losses(outputs, batch, heads)
+      losses = probe_tasks.probe_losses(outputs, batch, heads)
       return losses['loss'], (losses, updates.get('batch_stats', {}))
 
     (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -346,7 +176,7 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
     outputs = heads_module.apply({'params': state.params, 'batch_stats': state.batch_stats},
                                  patches, train=False)
     one = lambda tree: jax.tree.map(lambda x: x[None], tree)
-    losses = jax.vmap(lambda o, b: probe_losses(one(o), one(b), heads))(outputs, batch)
+    losses = jax.vmap(lambda o, b: probe_tasks.probe_losses(one(o), one(b), heads))(outputs, batch)
     preds = {}
     for head, prefix in (('centernet3d', 'ct3d'), ('centernet2d', 'ct2d')):
       if head in heads:
@@ -361,95 +191,6 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
     return losses, preds, patch_moments(patches, batch['valid'])
 
   return train_step, eval_step
-
-
-# ---------------------------------------------------------------------------- feature cache
-
-
-class FeatureCache:
-  """probe.cache_features: the frozen encoder's patch grid of every train and val frame,
-  computed once, with the frames' targets, in host memory.
-
-  Probe views are deterministic and the encoder is frozen, so every epoch would feed the heads
-  the same grids: cached, a probe step costs only the heads' forward and backward. Train
-  batches follow the rendering loader's order (pipeline.training_positions), so a cached run
-  sees the same frames at every step as an uncached one and gives the same numbers. Each host
-  caches its own records; one that would need more than probe.cache_max_gib is an error after
-  the first batch, before any probe file is written.
-  """
-
-  # What the heads never read again once the grid is cached (the val cache keeps 'rgb' for
-  # the figure).
-  TRAIN_DROP = ('rgb', 'companion')
-  VAL_DROP = ('companion',)
-
-  def __init__(self, train: dict[str, np.ndarray], val: list[dict[str, np.ndarray]]):
-    self.train, self.val = train, val
-    self.num_train = len(train['patches'])
-
-  @property
-  def nbytes(self) -> int:
-    return (sum(v.nbytes for v in self.train.values())
-            + sum(v.nbytes for batch in self.val for v in batch.values()))
-
-  @classmethod
-  def build(cls, data_cfg, frame: pipeline.ProbeFrame, batch_size: int, host_features,
-            max_gib: float) -> 'FeatureCache':
-    """host_features(host_batch) -> this host's rows of the frozen grid (numpy)."""
-    metadata = sources.dataset_metadata(data_cfg)
-    host_frames = {split: pipeline.host_record_count(int(metadata['splits'][split]))
-                   for split in ('train', 'val')}
-    budget = max_gib * 2**30
-    parts: dict[str, list[np.ndarray]] = {}
-    for i, host_batch in enumerate(pipeline.probe_eval_loader(data_cfg, frame, batch_size,
-                                                              split='train')):
-      batch = dict(host_batch, patches=host_features(host_batch))
-      valid = batch['valid'] > 0
-      if i == 0:
-        cls._check_budget(batch, host_frames, budget, max_gib)
-      for key, value in batch.items():
-        if key not in cls.TRAIN_DROP:
-          parts.setdefault(key, []).append(value[valid])
-    train = {k: np.concatenate(v) for k, v in parts.items()}
-    if len(train['patches']) != host_frames['train']:
-      raise RuntimeError(f'the train split gave {len(train["patches"])} frames on host '
-                         f'{jax.process_index()}, its metadata says {host_frames["train"]}')
-    val = []
-    for host_batch in pipeline.probe_eval_loader(data_cfg, frame, batch_size):
-      batch = dict(host_batch, patches=host_features(host_batch))
-      val.append({k: v for k, v in batch.items() if k not in cls.VAL_DROP})
-    return cls(train, val)
-
-  @classmethod
-  def _check_budget(cls, batch, host_frames, budget: float, max_gib: float) -> None:
-    frame_bytes = {k: v[0].nbytes for k, v in batch.items()}
-    train = sum(b for k, b in frame_bytes.items() if k not in cls.TRAIN_DROP)
-    val = sum(b for k, b in frame_bytes.items() if k not in cls.VAL_DROP)
-    size = train * host_frames['train'] + val * (host_frames['val'] + len(batch['valid']))
-    if size > budget:
-      raise ValueError(
-          f'config.probe.cache_features: the frozen features and targets of '
-          f'{host_frames["train"]} train + {host_frames["val"]} val frames need '
-          f'{size / 2**30:.3g} GiB per host ({train / 2**20:.2f} MiB per frame, patch grid '
-          f'{tuple(batch["patches"].shape[1:])}), over config.probe.cache_max_gib={max_gib}; '
-          f'raise the limit or set config.probe.cache_features=False')
-
-  def train_batches(self, batch_size: int, *, seed: int, start_step: int,
-                    num_steps: int) -> Iterator[dict[str, np.ndarray]]:
-    for positions in pipeline.training_positions(self.num_train, batch_size, seed=seed,
-                                                 start_step=start_step, num_steps=num_steps):
-      yield {k: v[positions] for k, v in self.train.items()}
-
-  def val_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(self.val)
-
-
-def host_rows(x: jax.Array) -> np.ndarray:
-  """A batch-sharded global array -> this host's rows, in the order the host fed them."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  shards = {s.index[0].start or 0: s for s in x.addressable_shards}  # replicas share a start
-  return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
 
 
 # ------------------------------------------------------------------------------------- loop
@@ -534,9 +275,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     feature_step = jax.jit(frozen_features_fn(encoder, view_cfg),
                            in_shardings=(replicated, data_sharding), out_shardings=data_sharding)
     start = time.perf_counter()
-    cache = FeatureCache.build(
+    cache = feature_cache.FeatureCache.build(
         config.data, frame, probe_cfg.batch_size,
-        lambda b: host_rows(feature_step(encoder_params, state_lib.global_batch(
+        lambda b: feature_cache.host_rows(feature_step(encoder_params, state_lib.global_batch(
             mesh, {k: b[k] for k in ('rgb', 'companion')}))),
         float(probe_cfg.cache_max_gib))
     print(f'probe.cache_features: the frozen patch grids of {cache.num_train} train and '
@@ -567,7 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                condition: str | None = None) -> tuple[dict[str, Any], list]:
     """One validation pass; with `variance`, the frozen grid's moments accumulate into it; with
     a robustness `condition`, rendered frames (never the cache) with the companion perturbed."""
-    evaluator = ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
+    evaluator = probe_tasks.ProbeEvaluator(heads, metadata, geometry, probe_cfg,
+                                           num_figure_frames)
     batches = (cache.val_batches() if cache and condition is None else
                pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size))
     for i, host_batch in enumerate(batches):
