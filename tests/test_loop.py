@@ -290,3 +290,20 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(python_env, tmp_path
                          timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f'Resuming pretraining from step {preempted_at} ' in rerun.stdout
+
+
+def test_same_seed_same_numbers(tmp_path):
+  """Two runs of pretraining + probes with the same seed on one machine agree bitwise: losses,
+  params and every reported metric."""
+  runs = []
+  for name in ('a', 'b'):
+    config = tiny_config(num_steps=3)
+    config.probe.robustness = ()
+    summary = pretrain.train(config, str(tmp_path / name))
+    report = probe.run(config, str(tmp_path / name))
+    runs.append((summary, report))
+  (a, pa), (b, pb) = runs
+  assert a['history'] == b['history'] and pa['history'] == pb['history']
+  _assert_params_equal(a['state'].params, b['state'].params)
+  assert pa['val_history'] == pb['val_history']
+  assert json.dumps(pa['metrics'], sort_keys=True) == json.dumps(pb['metrics'], sort_keys=True)
