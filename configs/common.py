@@ -96,9 +96,10 @@ def _set_values(config: ml_collections.ConfigDict, values: dict[str, object]) ->
 
 
 def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """Applies '<row>[,<regime>]': sets `config.method` to the row and the row's and the
-  regime's values; an unknown row or regime is a ValueError listing the choices."""
-  row, _, regime = method.partition(',')
+  """Applies '<row>[,<regime>]' or big_vision's 'row=<row>[,regime=<regime>]': sets
+  `config.method` to the row and the row's and the regime's values; an unknown row, regime or
+  key is a ValueError listing the choices."""
+  row, regime = _row_and_regime(method)
   if row not in METHODS:
     raise ValueError(f'unknown method row {row!r}; choose one of {method_names()} '
                      f'(e.g. --config=configs/synthetic.py:lemumo)')
@@ -110,6 +111,20 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collectio
   _set_values(config, METHODS[row])
   _set_values(config, REGIMES[regime])
   return config
+
+
+def _row_and_regime(method: str) -> tuple[str, str]:
+  if '=' not in method:
+    row, _, regime = method.partition(',')
+    return row, regime
+  values = {}
+  for part in method.split(','):
+    key, sep, value = part.partition('=')
+    if not sep or key not in ('row', 'regime') or key in values:
+      raise ValueError(f'config argument {method!r}: give row=<row>[,regime=<regime>] (or '
+                       f'<row>[,<regime>]); {part!r} is not one of them')
+    values[key] = value
+  return values.get('row', 'lemumo'), values.get('regime', '')
 
 
 def parse_arg(arg: str | None, default: str = 'lemumo') -> str:

@@ -72,6 +72,14 @@ def test_flir_regimes_are_configs_with_the_s1_settings():
   assert modes.default_workdir('configs/flir.py:lemumo,transfer', 'lemumo') == (
       'runs/flir_lemumo_transfer')
   assert modes.default_workdir('configs/flir.py:lemumo', 'lemumo') == 'runs/flir_lemumo'
+  # big_vision's key=value form names the same config and workdir.
+  assert flir.get_config('row=lemumo,regime=transfer').to_dict() == (
+      flir.get_config('lemumo,transfer').to_dict())
+  assert flir.get_config('regime=transfer').method == 'lemumo'
+  assert modes.default_workdir('configs/flir.py:row=lemumo,regime=transfer', 'lemumo') == (
+      'runs/flir_lemumo_transfer')
+  with pytest.raises(ValueError, match=r"give row=<row>\[,regime=<regime>\].*'rows=x'"):
+    flir.get_config('rows=x')
   assert 'finetune' in modes.MODES
 
 

@@ -11,7 +11,8 @@
 Frames are dicts. Predictions: 'boxes' [P, 7] (3D, schema convention) or [P, 4] (2D, x1 y1 x2 y2
 pixels), 'scores' [P], 'classes' [P] int. Ground truth: 'boxes' [G, 7] or [G, 4], 'classes' [G].
 
-No reference library is imported here; tests/test_metrics.py checks the detection numbers
+One module of ~500 lines on purpose: every metric definition of S3 side by side, where they
+can be read against the paper's table of definitions. No reference library is imported here; tests/test_metrics.py checks the detection numbers
 against nuscenes-devkit (`accumulate` + `calc_ap` + `calc_tp`) and pycocotools (COCOeval).
 """
 

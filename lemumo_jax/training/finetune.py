@@ -218,7 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state, start_step, state_sharding = checkpoints.restore_or_init(
       init_state, (init_key, encoder_params), replicated)
   del encoder_params  # the state holds (and trains) them
-  best = probe.read_best(finetune_dir)
+  best = loop.read_best(finetune_dir)
 
   view_cfg = augment.ViewConfig.from_config(config.views)
   data_sharding = state_lib.batch_sharding(mesh)
@@ -270,7 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
     improved = is_better(values, best, ft.select_by)
     if improved:
-      best = probe.save_best(finetune_dir, step, state, values)
+      best = loop.save_best(finetune_dir, step, state, values)
     note = '  [best]' if improved else f'  ({stale(step)}/{ft.patience} without a new best)'
     print(f'val @ {step}: {probe.fmt_val(values)}{note}', flush=True)
     if stale(step) >= ft.patience:
@@ -291,9 +291,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stopped_at = step if stopped and step < total_steps else None
   if best is None:  # a finished run resumed with best/ deleted: validate the final state
     values, _ = evaluate(state)
-    best = probe.save_best(finetune_dir, step, state, values)
+    best = loop.save_best(finetune_dir, step, state, values)
 
-  best_state = probe.restore_best(finetune_dir, best, state, state_sharding)
+  best_state = loop.restore_best(finetune_dir, best, state, state_sharding)
   values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
   row = report.ReportRow(
       method=f'{config.method} fine-tuned',

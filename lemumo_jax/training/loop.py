@@ -8,7 +8,7 @@ must be the same everywhere:
   - preemption: on SIGTERM (a Slurm time limit, a TPU preemption) the loop saves the step it
     is at and raises `Preempted`; main exits with EX_TEMPFAIL (75) and a rerun resumes;
   - progress lines (step, rate, ETA) through the stage's `on_log`, validation through
-    `on_validate`.
+    `on_validate`, and the best validation's params kept by `save_best` (probes, fine-tuning).
 `check_run_config` is the one comparison of a stage's settings against the run already in its
 directory: the keys a resumed run may change are logged, every other difference is refused
 with the keys named, and nothing is written before the config is validated.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +27,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lemumo_jax.training import progress
@@ -231,6 +233,51 @@ class _SigtermFlag:
     if jax.process_count() > 1:
       return checkpoints.manager.reached_preemption(step)
     return self.received
+
+
+# ---------------------------------------------------------------------------- keep-best
+# The probe and fine-tune stages keep their best validation's params in <stage dir>/best/.
+
+
+def read_best(directory: str) -> dict[str, Any] | None:
+  """best/best.json of a stage directory (step, params_dir, metrics), or None."""
+  path = os.path.join(directory, 'best', 'best.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is not readable JSON ({e}); remove {os.path.dirname(path)} '
+                     f'and rerun: the final state is validated again') from e
+
+
+def save_best(directory: str, step: int, state, values: dict[str, Any]) -> dict[str, Any]:
+  """Writes best/params_<step> (Orbax), then best.json naming it (atomic rename), then removes
+  older params: a kill at any point leaves a best.json that names complete params."""
+  best_dir = os.path.join(directory, 'best')
+  name = f'params_{step}'
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(best_dir, name),
+                    {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
+  checkpointer.wait_until_finished()
+  best = {'step': int(step), 'params_dir': name,
+          'metrics': {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}}
+  if jax.process_index() == 0:
+    state_lib.write_json_atomic(os.path.join(best_dir, 'best.json'), best)
+    for entry in os.listdir(best_dir):
+      if entry.startswith('params_') and entry != name:
+        shutil.rmtree(os.path.join(best_dir, entry), ignore_errors=True)
+  return best
+
+
+def restore_best(directory: str, best: dict[str, Any], state, state_sharding):
+  target = {'params': state.params, 'batch_stats': state.batch_stats}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          target)
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(directory, 'best', best['params_dir']), abstract)
+  return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 
 
 # ------------------------------------------------------------------------------------ loop

@@ -35,9 +35,7 @@ best.json), tensorboard/, report.md, report.json, probe_outputs.png.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -46,7 +44,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from lemumo_jax.data import augment, pipeline, sources
@@ -290,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  'Lower config.probe.lr.')
   state, start_step, state_sharding = checkpoints.restore_or_init(init_state, (init_key,),
                                                                   replicated)
-  best = read_best(probe_dir)
+  best = loop.read_best(probe_dir)
 
   train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated, data_sharding),
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -343,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
     improved = best is None or values['loss'] < best['metrics']['loss']
     if improved:
-      best = save_best(probe_dir, step, state, values)
+      best = loop.save_best(probe_dir, step, state, values)
     print(f'val @ {step}: {fmt_val(values)}{"  [best]" if improved else ""}', flush=True)
     return False
 
@@ -358,9 +355,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state, step, history = result.state, result.step, result.history
   if best is None:  # a finished run resumed with best/ deleted: validate the final state
     values, _ = evaluate(state)
-    best = save_best(probe_dir, step, state, values)
+    best = loop.save_best(probe_dir, step, state, values)
 
-  best_state = restore_best(probe_dir, best, state, state_sharding)
+  best_state = loop.restore_best(probe_dir, best, state, state_sharding)
 
   def reported(num_figure_frames=0, condition=None) -> tuple[dict[str, Any], list]:
     # What the heads read: how much of the frozen grid's variance is local content.
@@ -451,39 +448,3 @@ def check_probe_config(probe_dir: str, run_config: dict[str, Any], record: bool)
       os.path.join(probe_dir, 'config.json'), run_config, resumable=RESUMABLE, record=record,
       fix=f'its checkpoints and best heads belong to that run: remove {probe_dir} to train '
           f'probes for this one, or use another --workdir')
-
-
-def read_best(probe_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(probe_dir, 'best', 'best.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def save_best(probe_dir: str, step: int, state, values: dict[str, Any]) -> dict[str, Any]:
-  """Writes best/params_<step> (Orbax), then best.json naming it (atomic rename), then removes
-  older params: a kill at any point leaves a best.json that names complete params."""
-  best_dir = os.path.join(probe_dir, 'best')
-  name = f'params_{step}'
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(best_dir, name),
-                    {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
-  checkpointer.wait_until_finished()
-  best = {'step': int(step), 'params_dir': name,
-          'metrics': {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}}
-  if jax.process_index() == 0:
-    state_lib.write_json_atomic(os.path.join(best_dir, 'best.json'), best)
-    for entry in os.listdir(best_dir):
-      if entry.startswith('params_') and entry != name:
-        shutil.rmtree(os.path.join(best_dir, entry), ignore_errors=True)
-  return best
-
-
-def restore_best(probe_dir: str, best: dict[str, Any], state, state_sharding):
-  target = {'params': state.params, 'batch_stats': state.batch_stats}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          target)
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.join(probe_dir, 'best', best['params_dir']), abstract)
-  return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
