@@ -17,7 +17,7 @@ import pytest
 from configs import common, synthetic
 from conftest import tiny_config
 from lemumo_jax.evaluation import robustness
-from lemumo_jax.models import encoders
+from lemumo_jax.models import encoders, parts
 from lemumo_jax.objectives import infonce
 from lemumo_jax.training import pretrain, probe
 from lemumo_jax.training import state as state_lib
@@ -103,7 +103,7 @@ def test_dual_patches_are_the_rgb_branch_alone():
   late_features = late.apply({'params': params}, rgb, comp, train=False)
   np.testing.assert_array_equal(late_features.patches[..., :32], features.patches)
   np.testing.assert_array_equal(late_features.cls[..., 32:], features.companion_cls)
-  assert encoders.Features(cls=features.cls, patches=features.patches).companion_cls is None
+  assert parts.Features(cls=features.cls, patches=features.patches).companion_cls is None
 
 
 def _infonce_reference(z_rgb, z_comp, temperature):

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lemumo_jax.models import encoders, heads, routing, vit
+from lemumo_jax.models import encoders, heads, parts, routing, vit
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -234,7 +234,7 @@ def test_vit_family_shapes_and_timm_names():
     for size in (32, 16):
       feats = jax.eval_shape(lambda p, r, c, m=model: m.apply(p, r, c, train=True), params,
                              *make_inputs(size))
-      assert isinstance(feats, encoders.Features)
+      assert isinstance(feats, parts.Features)
       assert feats.cls.shape == (2, 32) and feats.patches.shape == (2, size // 8, size // 8, 32)
       assert feats.cls.dtype == feats.patches.dtype == jnp.float32
   # Numbers once: the companion ViT reads the companion, not the RGB image.
@@ -352,4 +352,4 @@ def test_companion_valid_channel_is_what_the_stem_reads(family):
   without = apply(dict(cfg, companion_channels=2), rgb, jnp.concatenate(
       [sparse, jnp.zeros_like(sparse)], axis=-1))
   assert np.abs(flat(got) - flat(without)).max() > 1e-3
-  np.testing.assert_array_equal(encoders.companion_stem_input(sparse, False), sparse)
+  np.testing.assert_array_equal(parts.companion_stem_input(sparse, False), sparse)

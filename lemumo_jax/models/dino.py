@@ -47,6 +47,7 @@ import jax.numpy as jnp
 
 from lemumo_jax.models import encoders
 from lemumo_jax.models import heads
+from lemumo_jax.models import parts
 from lemumo_jax.models import vit
 
 
@@ -107,7 +108,7 @@ class DinoHead(nn.Module):
 
 
 def masked_vit_encode(encoder: encoders.ViTEncoder, images: jax.Array, patch_mask: jax.Array,
-                      mask_token: jax.Array) -> encoders.Features:
+                      mask_token: jax.Array) -> parts.Features:
   """`encoder.encode(images)` with the patch embeddings where patch_mask [B, h * w] is True
   replaced by mask_token [1, 1, D] before positional embeddings (an all-False mask gives
   exactly `encoder.encode`; a test checks it)."""
@@ -125,7 +126,7 @@ def masked_vit_encode(encoder: encoders.ViTEncoder, images: jax.Array, patch_mas
   for block in encoder.blocks:
     x = block(x)
   x = encoder.norm(x)
-  return encoders.Features(cls=x[:, 0], patches=x[:, 1:].reshape(batch, h, w, width))
+  return parts.Features(cls=x[:, 0], patches=x[:, 1:].reshape(batch, h, w, width))
 
 
 def _fold(x: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Every encoder family behind one interface: encoder(rgb, companion, *, train) -> Features.
+"""Every encoder family behind one interface: encoder(rgb, companion, *, train) -> parts.Features.
 
 rgb [B, H, W, 3] and companion [B, H, W, C_comp] are float, already normalised, same H and W
 (divisible by patch_size). `build_encoder(cfg)` picks the family from `cfg.family`; a new
@@ -24,7 +24,7 @@ Families:
            ViT over the RGB and companion tokens (masked in pretraining); unmasked for the probes,
            cls is the global token and patches the RGB tokens' outputs (S3 readout).
 
-Features have `model.width` channels for every family but late_fusion (2 x model.width); the
+parts.Features have `model.width` channels for every family but late_fusion (2 x model.width); the
 probe stage reads the channel count off the encoder's output.
 """
 
@@ -34,49 +34,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lemumo_jax.models import parts
+from lemumo_jax.models import multimae
 from lemumo_jax.models import routing
 from lemumo_jax.models import vit
-
-
-class Features(flax.struct.PyTreeNode):
-  """Encoder outputs: cls [B, D] (final-normed CLS), patches [B, h, w, D] (final-normed patch
-  grid; the fusion tokens for 'fusion'), both float32. companion_cls [B, D]: only the 'dual'
-  family's, the companion branch's CLS for its contrastive objective (None otherwise)."""
-  cls: jax.Array
-  patches: jax.Array
-  companion_cls: jax.Array | None = None
-
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-VIT_INPUTS = ('rgb', 'companion')
-LAYER0_IMPLS = ('structured', 'masked')
-
-
-def _check_pair(rgb: jax.Array, companion: jax.Array, companion_channels: int) -> None:
-  if rgb.ndim != 4 or rgb.shape[-1] != 3:
-    raise ValueError(f'rgb must be [B, H, W, 3], got shape {rgb.shape}')
-  if companion.ndim != 4 or companion.shape[-1] != companion_channels:
-    raise ValueError(f'companion must be [B, H, W, {companion_channels}] '
-                     f'(model.companion_channels), got shape {companion.shape}')
-  if rgb.shape[:3] != companion.shape[:3]:
-    raise ValueError(f'rgb {rgb.shape} and companion {companion.shape} differ in [B, H, W]')
-
-
-def companion_stem_input(companion: jax.Array, valid_channel: bool) -> jax.Array:
-  """What a companion patch stem reads: the map [B, H, W, C] and, with valid_channel
-  (model.companion_valid), one more channel that is 1 where any companion channel is non-zero
-  (a LiDAR return) and 0 elsewhere. A linear stem sees a sparse depth patch as a weighted sum of
-  its returns, so a few near returns and many far ones can look alike; with the count beside
-  the sum the patch's mean depth becomes linearly readable. Crops resize the companion with
-  'nearest' by default, which keeps the no-return zeros exact."""
-  if not valid_channel:
-    return companion
-  valid = jnp.any(companion != 0, axis=-1, keepdims=True).astype(companion.dtype)
-  return jnp.concatenate([companion, valid], axis=-1)
 
 
 class InputPatches(nn.Module):
@@ -91,10 +55,10 @@ class InputPatches(nn.Module):
   patch_size: int
   companion_channels: int = 1
 
-  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> parts.Features:
     del train
-    _check_pair(rgb, companion, self.companion_channels)
-    x = jnp.concatenate([rgb, companion_stem_input(companion, True)], -1).astype(jnp.float32)
+    parts.check_pair(rgb, companion, self.companion_channels)
+    x = jnp.concatenate([rgb, parts.companion_stem_input(companion, True)], -1).astype(jnp.float32)
     b, h, w, c = x.shape
     p = self.patch_size
     if h % p or w % p:
@@ -102,7 +66,7 @@ class InputPatches(nn.Module):
                        f'size {p}')
     x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = x.reshape(b, h // p, w // p, p * p * c)
-    return Features(cls=patches.mean((1, 2)), patches=patches)
+    return parts.Features(cls=patches.mean((1, 2)), patches=patches)
 
 
 class ViTEncoder(vit.ViT):
@@ -111,14 +75,14 @@ class ViTEncoder(vit.ViT):
   companion_channels: int = 1
   companion_valid: bool = False
 
-  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> parts.Features:
     del train  # no dropout / drop-path
-    _check_pair(rgb, companion, self.companion_channels)
-    if self.inputs not in VIT_INPUTS:
-      raise ValueError(f'model.inputs must be one of {list(VIT_INPUTS)}, got {self.inputs!r}')
+    parts.check_pair(rgb, companion, self.companion_channels)
+    if self.inputs not in parts.VIT_INPUTS:
+      raise ValueError(f'model.inputs must be one of {list(parts.VIT_INPUTS)}, got {self.inputs!r}')
     cls, patches = self.encode(rgb if self.inputs == 'rgb' else
-                               companion_stem_input(companion, self.companion_valid))
-    return Features(cls=cls, patches=patches)
+                               parts.companion_stem_input(companion, self.companion_valid))
+    return parts.Features(cls=cls, patches=patches)
 
 
 class EarlyFusionEncoder(vit.ViT):
@@ -127,12 +91,12 @@ class EarlyFusionEncoder(vit.ViT):
   companion_channels: int = 1
   companion_valid: bool = False
 
-  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> parts.Features:
     del train  # no dropout / drop-path
-    _check_pair(rgb, companion, self.companion_channels)
-    companion = companion_stem_input(companion.astype(rgb.dtype), self.companion_valid)
+    parts.check_pair(rgb, companion, self.companion_channels)
+    companion = parts.companion_stem_input(companion.astype(rgb.dtype), self.companion_valid)
     cls, patches = self.encode(jnp.concatenate([rgb, companion], axis=-1))
-    return Features(cls=cls, patches=patches)
+    return parts.Features(cls=cls, patches=patches)
 
 
 class LateFusionEncoder(nn.Module):
@@ -161,13 +125,13 @@ class LateFusionEncoder(nn.Module):
     self.rgb_encoder = vit.ViT(**branch)
     self.companion_encoder = vit.ViT(**branch)
 
-  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> parts.Features:
     del train  # no dropout / drop-path
-    _check_pair(rgb, companion, self.companion_channels)
+    parts.check_pair(rgb, companion, self.companion_channels)
     rgb_cls, rgb_patches = self.rgb_encoder.encode(rgb)
     comp_cls, comp_patches = self.companion_encoder.encode(
-        companion_stem_input(companion, self.companion_valid))
-    return Features(cls=jnp.concatenate([rgb_cls, comp_cls], axis=-1),
+        parts.companion_stem_input(companion, self.companion_valid))
+    return parts.Features(cls=jnp.concatenate([rgb_cls, comp_cls], axis=-1),
                     patches=jnp.concatenate([rgb_patches, comp_patches], axis=-1))
 
 
@@ -178,17 +142,17 @@ class DualEncoder(LateFusionEncoder):
   readout the probes see, S3), companion_cls [B, width] the companion branch's CLS."""
   family_name = 'dual'
 
-  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> parts.Features:
     del train  # no dropout / drop-path
-    _check_pair(rgb, companion, self.companion_channels)
+    parts.check_pair(rgb, companion, self.companion_channels)
     rgb_cls, rgb_patches = self.rgb_encoder.encode(rgb)
     comp_cls, _ = self.companion_encoder.encode(
-        companion_stem_input(companion, self.companion_valid))
-    return Features(cls=rgb_cls, patches=rgb_patches, companion_cls=comp_cls)
+        parts.companion_stem_input(companion, self.companion_valid))
+    return parts.Features(cls=rgb_cls, patches=rgb_patches, companion_cls=comp_cls)
 
 
 class FusionEncoder(nn.Module):
-  """Le MuMo fusion-token encoder -> Features(cls, patches = the n fusion tokens).
+  """Le MuMo fusion-token encoder -> parts.Features(cls, patches = the n fusion tokens).
 
   Tokens: CLS + pos[0]; F_i = fusion_tokens_i + pos_i + fusion_type_embed;
   C_i = patch_embed(rgb)_i + pos_i + camera_type_embed; M_i = companion_embed(companion)_i +
@@ -204,7 +168,7 @@ class FusionEncoder(nn.Module):
   companion_channels: int = 1
   companion_valid: bool = False
   fusion_mode: str = 'pruned'        # routing.FUSION_MODES
-  # LAYER0_IMPLS. Pruned mode only: persistent routing keeps the C/M outputs of layer 0, which
+  # parts.LAYER0_IMPLS. Pruned mode only: persistent routing keeps the C/M outputs of layer 0, which
   # the structured computation never forms, so it always runs the masked reference.
   layer0_impl: str = 'structured'
   dtype: Any = jnp.float32
@@ -213,8 +177,8 @@ class FusionEncoder(nn.Module):
     if self.fusion_mode not in routing.FUSION_MODES:
       raise ValueError(f'model.fusion_mode must be one of {list(routing.FUSION_MODES)}, '
                        f'got {self.fusion_mode!r}')
-    if self.layer0_impl not in LAYER0_IMPLS:
-      raise ValueError(f'model.layer0_impl must be one of {list(LAYER0_IMPLS)}, '
+    if self.layer0_impl not in parts.LAYER0_IMPLS:
+      raise ValueError(f'model.layer0_impl must be one of {list(parts.LAYER0_IMPLS)}, '
                        f'got {self.layer0_impl!r}')
     if self.depth < 1:
       raise ValueError(f'model.depth must be >= 1 for the fusion encoder, got {self.depth}')
@@ -236,13 +200,13 @@ class FusionEncoder(nn.Module):
 
   def tokens(self, rgb: jax.Array, companion: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
     """-> (sequence [B, 1 + 3n, D] in order [CLS, F, C, M] in the compute dtype, grid (h, w))."""
-    _check_pair(rgb, companion, self.companion_channels)
+    parts.check_pair(rgb, companion, self.companion_channels)
     camera = self.patch_embed(rgb)
     batch, h, w, width = camera.shape
     n = h * w
     camera = camera.reshape(batch, n, width)
     modality = self.companion_embed(
-        companion_stem_input(companion, self.companion_valid)).reshape(batch, n, width)
+        parts.companion_stem_input(companion, self.companion_valid)).reshape(batch, n, width)
     grid = vit.base_grid(self.img_size, self.patch_size)
     pos = vit.resize_grid_tokens(self.pos_embed[:, 1:], grid, (h, w))
     fusion = vit.resize_grid_tokens(self.fusion_tokens, grid, (h, w))
@@ -255,7 +219,7 @@ class FusionEncoder(nn.Module):
     ], axis=1)
     return x.astype(self.dtype), (h, w)
 
-  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> Features:
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> parts.Features:
     del train  # no dropout / drop-path
     x, (h, w) = self.tokens(rgb, companion)
     n = h * w
@@ -270,7 +234,7 @@ class FusionEncoder(nn.Module):
       for layer, block in enumerate(self.blocks):
         x = block(x, _as_mask(routing.attention_mask(n, layer, 'persistent')))
     x = self.norm(x[:, :1 + n])
-    return Features(cls=x[:, 0], patches=x[:, 1:].reshape(x.shape[0], h, w, x.shape[-1]))
+    return parts.Features(cls=x[:, 0], patches=x[:, 1:].reshape(x.shape[0], h, w, x.shape[-1]))
 
 
 def _as_mask(mask) -> jax.Array:
@@ -281,65 +245,31 @@ def _as_mask(mask) -> jax.Array:
 # ---------------------------------------------------------------------------------- building
 
 
-def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-  value = cfg.get(key, default)
-  if value is None:
-    raise ValueError(f'model config is missing {key!r}')
-  return value
-
-
-def _choice(cfg: Mapping[str, Any], key: str, allowed: Sequence[str], default: str) -> str:
-  value = cfg.get(key, default)
-  if value not in allowed:
-    raise ValueError(f'model.{key} must be one of {list(allowed)}, got {value!r}')
-  return value
-
-
-def _img_size(cfg: Mapping[str, Any]):
-  size = _get(cfg, 'img_size')
-  return size if isinstance(size, int) else tuple(size)  # json round-trips tuples as lists
-
-
-def companion_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """The companion-input fields of every family that reads the companion."""
-  return dict(companion_channels=int(cfg.get('companion_channels', 1)),
-              companion_valid=bool(cfg.get('companion_valid', False)))
-
-
-def _vit_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """The fields every transformer family shares."""
-  return dict(img_size=_img_size(cfg), patch_size=int(_get(cfg, 'patch_size')),
-              width=int(_get(cfg, 'width')), depth=int(_get(cfg, 'depth')),
-              num_heads=int(_get(cfg, 'num_heads')), mlp_ratio=float(cfg.get('mlp_ratio', 4.0)),
-              dtype=DTYPES[_choice(cfg, 'dtype', tuple(DTYPES), 'float32')])
-
-
 def _build_vit(cfg: Mapping[str, Any]) -> nn.Module:
-  return ViTEncoder(inputs=_choice(cfg, 'inputs', VIT_INPUTS, 'rgb'), **companion_kwargs(cfg),
-                    **_vit_kwargs(cfg))
+  return ViTEncoder(inputs=parts.choice(cfg, 'inputs', parts.VIT_INPUTS, 'rgb'), **parts.companion_kwargs(cfg),
+                    **parts.vit_kwargs(cfg))
 
 
 def _build_fusion(cfg: Mapping[str, Any]) -> nn.Module:
-  mode = _choice(cfg, 'fusion_mode', routing.FUSION_MODES, 'pruned')
-  impl = _choice(cfg, 'layer0_impl', LAYER0_IMPLS, 'structured')
-  return FusionEncoder(fusion_mode=mode, layer0_impl=impl, **companion_kwargs(cfg),
-                       **_vit_kwargs(cfg))
+  mode = parts.choice(cfg, 'fusion_mode', routing.FUSION_MODES, 'pruned')
+  impl = parts.choice(cfg, 'layer0_impl', parts.LAYER0_IMPLS, 'structured')
+  return FusionEncoder(fusion_mode=mode, layer0_impl=impl, **parts.companion_kwargs(cfg),
+                       **parts.vit_kwargs(cfg))
 
 
 def _build_early_fusion(cfg: Mapping[str, Any]) -> nn.Module:
-  return EarlyFusionEncoder(**companion_kwargs(cfg), **_vit_kwargs(cfg))
+  return EarlyFusionEncoder(**parts.companion_kwargs(cfg), **parts.vit_kwargs(cfg))
 
 
 def _build_late_fusion(cfg: Mapping[str, Any]) -> nn.Module:
-  return LateFusionEncoder(**companion_kwargs(cfg), **_vit_kwargs(cfg))
+  return LateFusionEncoder(**parts.companion_kwargs(cfg), **parts.vit_kwargs(cfg))
 
 
 def _build_dual(cfg: Mapping[str, Any]) -> nn.Module:
-  return DualEncoder(**companion_kwargs(cfg), **_vit_kwargs(cfg))
+  return DualEncoder(**parts.companion_kwargs(cfg), **parts.vit_kwargs(cfg))
 
 
 def _build_multimae(cfg: Mapping[str, Any]) -> nn.Module:
-  from lemumo_jax.models import multimae  # pylint: disable=g-import-not-at-top (imports us)
   return multimae.build_encoder(cfg)
 
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lemumo_jax.models import encoders
+from lemumo_jax.models import parts
 from lemumo_jax.models import vit
 
 TASKS = ('rgb', 'companion', 'seg')
@@ -231,11 +231,11 @@ class MultiMaeEncoder(nn.Module):
 
   def tokens(self, rgb: jax.Array, companion: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
     """-> (tokens [B, 2n, D] float32: the n RGB then the n companion tokens, grid (h, w))."""
-    encoders._check_pair(rgb, companion, self.companion_channels)  # pylint: disable=protected-access
+    parts.check_pair(rgb, companion, self.companion_channels)  # pylint: disable=protected-access
     camera = self.patch_embed(rgb)
     batch, h, w, width = camera.shape
     camera = camera.reshape(batch, h * w, width).astype(jnp.float32)
-    modality = self.companion_embed(encoders.companion_stem_input(
+    modality = self.companion_embed(parts.companion_stem_input(
         companion, self.companion_valid)).reshape(batch, h * w, width).astype(jnp.float32)
     grid = vit.base_grid(self.img_size, self.patch_size)
     pos = vit.resize_grid_tokens(jnp.asarray(sincos_pos_embed(grid, self.width)), grid, (h, w))
@@ -258,18 +258,18 @@ class MultiMaeEncoder(nn.Module):
     tokens, grid = self.tokens(rgb, companion)
     return self.encode_tokens(_gather_tokens(tokens, keep)), grid
 
-  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> encoders.Features:
+  def __call__(self, rgb: jax.Array, companion: jax.Array, *, train: bool) -> parts.Features:
     """Unmasked (probes): cls = the global token, patches = the RGB tokens [B, h, w, D]."""
     del train  # masking belongs to MaeModel's pretraining forward
     tokens, (h, w) = self.tokens(rgb, companion)
     x = self.encode_tokens(tokens)
     n = h * w
-    return encoders.Features(cls=x[:, 0], patches=x[:, 1:1 + n].reshape(x.shape[0], h, w, -1))
+    return parts.Features(cls=x[:, 0], patches=x[:, 1:1 + n].reshape(x.shape[0], h, w, -1))
 
 
 def build_encoder(cfg: Mapping[str, Any]) -> MultiMaeEncoder:
-  return MultiMaeEncoder(**encoders.companion_kwargs(cfg),
-                         **encoders._vit_kwargs(cfg))  # pylint: disable=protected-access
+  return MultiMaeEncoder(**parts.companion_kwargs(cfg),
+                         **parts.vit_kwargs(cfg))  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------- decoders
@@ -364,7 +364,7 @@ class MaeModel(nn.Module):
     self.encoder = build_encoder(self.encoder_cfg)
     patch = int(self.encoder_cfg['patch_size'])
     channels = int(self.encoder_cfg.get('companion_channels', 1))
-    dtype = encoders.DTYPES[self.encoder_cfg.get('dtype', 'float32')]
+    dtype = parts.DTYPES[self.encoder_cfg.get('dtype', 'float32')]
     common = dict(width=self.mae.decoder_width, depth=self.mae.decoder_depth,
                   num_heads=self.mae.decoder_heads, dtype=dtype)
     self.rgb_decoder = TaskDecoder(out_dim=patch * patch * 3, query_modality=0, **common)
@@ -385,7 +385,7 @@ class MaeModel(nn.Module):
                        'patch grid); set config.views.num_local=0')
     rgb, companion = _fold_views(views['global_rgb']), _fold_views(views['global_companion'])
     patch = int(self.encoder_cfg['patch_size'])
-    base_grid = vit.base_grid(encoders._img_size(self.encoder_cfg), patch)  # pylint: disable=protected-access
+    base_grid = vit.base_grid(parts.img_size(self.encoder_cfg), patch)  # pylint: disable=protected-access
     grid = (rgb.shape[1] // patch, rgb.shape[2] // patch)
     n = grid[0] * grid[1]
     visible = num_visible(2 * n, self.mae.mask_ratio)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from lemumo_jax.models import encoders
 from lemumo_jax.models import heads
+from lemumo_jax.models import parts
 
 
 PASSES = ('joint', 'rgb', 'companion')
@@ -104,6 +105,6 @@ class JepaModel(nn.Module):
       outputs.update(project(self.companion_projector, companion_cls, 'z_companion_'))
     return outputs
 
-  def encode(self, rgb: jax.Array, companion: jax.Array) -> encoders.Features:
+  def encode(self, rgb: jax.Array, companion: jax.Array) -> parts.Features:
     """Frozen-encoder features of clean views (probes)."""
     return self.encoder(rgb, companion, train=False)
