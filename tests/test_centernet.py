@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lemumo_jax.data import geometry
-from lemumo_jax.evaluation import centernet
+from lemumo_jax.tasks import centernet
 from lemumo_jax.evaluation import metrics
 
 IMAGE_HW = (224, 224)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from lemumo_jax.data import geometry as geometry_lib
 from lemumo_jax.data import sources
+from lemumo_jax.tasks import centernet
 
 
 def _resize_frame(record: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +263,6 @@ class ProbeFrame(grain.transforms.Map):
     self._max_objects, self._max_gt = max_objects, max_gt_boxes
 
   def map(self, record):
-    from lemumo_jax.evaluation import centernet  # pylint: disable=g-import-not-at-top
     geo, heads, m, g = self._geometry, self._heads, self._max_objects, self._max_gt
     height, width = geo.image_hw
     src_h, src_w = record['rgb'].shape[:2]

@@ -21,7 +21,8 @@ import optax
 
 from lemumo_jax.data import pipeline
 from lemumo_jax.data.schema import IGNORE_LABEL
-from lemumo_jax.evaluation import centernet, metrics
+from lemumo_jax.evaluation import metrics
+from lemumo_jax.tasks import centernet
 
 OCCUPANCY_FOCAL_GAMMA = 2.0
 OCCUPANCY_CONSISTENCY_WEIGHT = 0.1
