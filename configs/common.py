@@ -183,7 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
       'mlp_ratio': 4.0,
       'companion_channels': 1,
       # Companion stems also read a 0/1 'has a return' channel (parts.companion_stem_input):
-      # off is the paper's plain stem; benchmarks/RESULTS.md (2026-12-02) measures it on.
+      # off is the paper's plain stem (benchmarks/RESULTS.md measures it on).
       'companion_valid': False,
       'dtype': 'bfloat16',         # compute dtype; params and optimizer state stay float32
   })

@@ -28,9 +28,8 @@ def get_config(arg=None):
   # results table. The paper's 640 x 640 probe view becomes the native 96 x 128 frame here.
   config.mode = 'pretrain_probe'
   # Narrower CenterNet/occupancy hidden widths (the transposed conv dominates a CPU step) and a
-  # higher probe lr. 32 epochs (2048 steps): the probe's validation loss still falls at 1000
-  # steps, and the paper reads its numbers off converged probes (benchmarks/RESULTS.md,
-  # 2026-12-04 (later)). The frozen grids of all 2304 frames take ~0.26 GiB on the host:
+  # higher probe lr. 32 epochs (2048 steps): converged probes, as the paper reads its numbers
+  # (benchmarks/RESULTS.md). The frozen grids of all 2304 frames take ~0.26 GiB on the host:
   # computed once (probe.cache_features), a probe step is the heads alone.
   config.probe.update(image_size=(96, 128), seg_size=(48, 64), batch_size=32, num_epochs=32,
                       lr=3e-3, val_every=256, log_every=64, checkpoint_every=256,
