@@ -12,28 +12,29 @@ from ml_collections import config_dict
 
 # Paper row -> the config values that define it. Each entry is applied on top of the
 # dataset defaults; keys are dotted paths into the config.
+# Shared fragments the rows compose.
+FT_PRUNED = {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
+             'model.layer0_impl': 'structured'}
+RGB_VIT = {'model.family': 'vit', 'model.inputs': 'rgb'}
+MULTIMAE_SS = {'model.family': 'multimae', 'objective.name': 'mae', 'views.num_local': 0}
+
 METHODS: dict[str, dict[str, object]] = {
     # Le MuMo JEPA = FT-Pruned + SIGReg on the joint CLS (the paper's default).
-    'lemumo': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
-               'model.layer0_impl': 'structured'},
+    'lemumo': FT_PRUNED,
     # The same model with the reference (dense, masked) layer 0; identical numerics.
-    'lemumo_masked': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
-                      'model.layer0_impl': 'masked'},
+    'lemumo_masked': {**FT_PRUNED, 'model.layer0_impl': 'masked'},
     # FT-Persistent + SIGReg (Table 2, Table 6).
-    'ft_persistent': {'model.family': 'fusion', 'model.fusion_mode': 'persistent',
+    'ft_persistent': {**FT_PRUNED, 'model.fusion_mode': 'persistent',
                       'model.layer0_impl': 'masked'},
     # LeJEPA RGB-only (Table 1, 3).
-    'lejepa_rgb': {'model.family': 'vit', 'model.inputs': 'rgb'},
+    'lejepa_rgb': RGB_VIT,
     # LiDAR-only JEPA (Table 1, 3): the same ViT on the 1-channel companion map.
     'lidar_only': {'model.family': 'vit', 'model.inputs': 'companion'},
     # FT-Pruned + VICReg (Table 2, 6): the Le MuMo encoder, VICReg in place of the LeJEPA loss.
-    'lemumo_vicreg': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
-                      'model.layer0_impl': 'structured', 'objective.name': 'vicreg'},
+    'lemumo_vicreg': {**FT_PRUNED, 'objective.name': 'vicreg'},
     # FT-Pruned + SIGReg (3-pass) (Table 2, 6; eq. S3): SIGReg averaged over the joint, RGB-only
     # (companion zeroed) and companion-only (RGB zeroed) passes; invariance on the joint pass.
-    'lemumo_3pass': {'model.family': 'fusion', 'model.fusion_mode': 'pruned',
-                     'model.layer0_impl': 'structured',
-                     'objective.passes': ('joint', 'rgb', 'companion')},
+    'lemumo_3pass': {**FT_PRUNED, 'objective.passes': ('joint', 'rgb', 'companion')},
     # Early Fusion RGBD (Table 2, 6; S1): one ViT over stacked RGB + companion channels.
     'early_fusion': {'model.family': 'early_fusion'},
     # Late Fusion (Table 2, 6; S1): an RGB ViT and a companion ViT of model.width each (two
@@ -50,16 +51,16 @@ METHODS: dict[str, dict[str, object]] = {
     # prototypes) + iBOT (masked patch prototypes) against an EMA teacher (models/dino.py,
     # objectives/dino.py; settings in config.dino), DINO lr 5e-4, AdamW betas (0.9, 0.95).
     # The exported encoder (what the probes read) is the teacher's backbone.
-    'dinov3': {'model.family': 'vit', 'model.inputs': 'rgb', 'objective.name': 'dino',
-               'optim.lr': 5e-4, 'optim.b1': 0.9, 'optim.b2': 0.95},
+    'dinov3': {**RGB_VIT, 'objective.name': 'dino', 'optim.lr': 5e-4, 'optim.b1': 0.9,
+               'optim.b2': 0.95},
     # MultiMAE-SS (Table 3-6; S1): masked reconstruction of the RGB and companion patches
     # (models/multimae.py, objectives/mae.py; settings in config.multimae: mask ratio 0.75,
     # decoder depth 2, width 256); local crops disabled. Probes: the RGB patch tokens (S3).
-    'multimae_ss': {'model.family': 'multimae', 'objective.name': 'mae', 'views.num_local': 0},
+    'multimae_ss': MULTIMAE_SS,
     # MultiMAE-MT (Table 3-6; S1): the same, plus a semantic-segmentation output task on the
     # dataset's seg labels, cropped with each view (views.with_seg).
-    'multimae_mt': {'model.family': 'multimae', 'objective.name': 'mae', 'views.num_local': 0,
-                    'views.with_seg': True, 'multimae.tasks': ('rgb', 'companion', 'seg')},
+    'multimae_mt': {**MULTIMAE_SS, 'views.with_seg': True,
+                    'multimae.tasks': ('rgb', 'companion', 'seg')},
 }
 
 
@@ -86,13 +87,10 @@ REGIMES: dict[str, dict[str, object]] = {
 
 
 def _set_values(config: ml_collections.ConfigDict, values: dict[str, object]) -> None:
-  for dotted, value in values.items():
-    node = config
-    *parents, leaf = dotted.split('.')
-    for name in parents:
-      node = node[name]
-    # A fresh placeholder per config: a shared FieldReference would link configs' values.
-    node[leaf] = config_dict.placeholder(str) if value is REQUIRED else value
+  # A fresh placeholder per config: a shared FieldReference would link configs' values.
+  config.update_from_flattened_dict({
+      key: config_dict.placeholder(str) if value is REQUIRED else value
+      for key, value in values.items()})
 
 
 def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
