@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks import runs
+from lemumo_jax import files
 from lemumo_jax.evaluation import report
 
 # Every row the claims read, each run as paper_tables runs it ('<row>:frozen': the random-init
@@ -286,7 +287,7 @@ def run_claims(config: str, out_dir: str, seeds: Sequence[str], extra: Sequence[
       analyses[seed] = json.load(f)
   results = evaluate(CLAIMS, seeds, reports, profiles, analyses)
   text = markdown(results, schedule_note(out_dir, config, seeds))
-  report.write_text_atomic(os.path.join(out_dir, 'claims.md'), text)
-  report.write_text_atomic(os.path.join(out_dir, 'claims.json'),
+  files.write_text_atomic(os.path.join(out_dir, 'claims.md'), text)
+  files.write_text_atomic(os.path.join(out_dir, 'claims.json'),
                            json.dumps({'seeds': list(seeds), 'claims': results}, indent=2))
   return text

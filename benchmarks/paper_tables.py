@@ -53,6 +53,7 @@ from benchmarks import claims
 from benchmarks.runs import (FINETUNE, FROZEN, REPO, TRANSFER, paired_summary,
                              report_path, run_command, run_dir, split_row)
 from configs import common
+from lemumo_jax import files
 from lemumo_jax.evaluation import report
 
 _CONFIG = flags.DEFINE_string('config', 'configs/synthetic.py', 'Dataset config file.')
@@ -399,8 +400,8 @@ def main(argv):
   if preset:
     text = f'{preset.title}\n\n{text}'
   os.makedirs(out_dir, exist_ok=True)
-  report.write_text_atomic(os.path.join(out_dir, 'tables.md'), text)
-  report.write_text_atomic(os.path.join(out_dir, 'tables.json'), json.dumps(result, indent=2))
+  files.write_text_atomic(os.path.join(out_dir, 'tables.md'), text)
+  files.write_text_atomic(os.path.join(out_dir, 'tables.json'), json.dumps(result, indent=2))
   print(text)
   print(f'Tables written to {out_dir}/tables.md and tables.json', flush=True)
   if _CLAIMS.value:

@@ -31,7 +31,6 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -40,6 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from lemumo_jax import files
 from lemumo_jax.data import augment, sources
 from lemumo_jax.models import encoders
 from lemumo_jax.training import pretrain
@@ -301,8 +301,6 @@ def profile(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'profile.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(result, f, indent=2, default=list)
-    os.replace(path + '.tmp', path)
+    files.write_json_atomic(path, result)
     print(f'Profile written to {path}', flush=True)
   return result

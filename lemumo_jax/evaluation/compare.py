@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from lemumo_jax import files
 from lemumo_jax.evaluation import report
 
 _OUT = flags.DEFINE_string('out', None, 'Write the table here (markdown; rows also as .json).')
@@ -40,9 +41,7 @@ def write_table(rows: Sequence[report.ReportRow], out: str, title: str) -> str:
   for path, payload in ((out, text), (os.path.splitext(out)[0] + '.json', json.dumps(
       [{'method': r.method, 'training_data': r.training_data, 'table': report.table_values(r)}
        for r in rows], indent=2))):
-    with open(path + '.tmp', 'w') as f:
-      f.write(payload)
-    os.replace(path + '.tmp', path)
+    files.write_text_atomic(path, payload)
   return table
 
 

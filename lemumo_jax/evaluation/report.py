@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lemumo_jax import files
 from lemumo_jax.data import geometry
 from lemumo_jax.evaluation import robustness as robustness_lib
 
@@ -112,14 +113,6 @@ def _jsonable(value):
   return value
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes text to path.tmp, then renames it over path: readers never see half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
                  figure_frames: Sequence[Mapping[str, Any]] = (),
                  metadata: Mapping[str, Any] | None = None,
@@ -157,12 +150,12 @@ def write_report(directory: str, row: ReportRow, details: Mapping[str, Any],
   if 'figure' in paths:
     lines += ['![probe outputs](probe_outputs.png)', '']
   lines += ['## All validation metrics', '', '| metric | value |', '|---|---:|', all_metrics, '']
-  write_text_atomic(paths['markdown'], '\n'.join(lines))
+  files.write_text_atomic(paths['markdown'], '\n'.join(lines))
   payload = {'method': row.method, 'training_data': row.training_data,
              'table': table_values(row), 'metrics': row.metrics, 'details': details}
   if robustness is not None:
     payload['robustness'] = robustness
-  write_text_atomic(paths['json'], json.dumps(_jsonable(payload), indent=2))
+  files.write_text_atomic(paths['json'], json.dumps(_jsonable(payload), indent=2))
   return paths
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lemumo_jax import files
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.evaluation import embedding_analysis as ea
 from lemumo_jax.training import pretrained, probe
@@ -223,6 +224,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   figure = os.path.join(out_dir, 'figure3.png')
   ea.save_figure(figure, panels, points['class'], points['depth'], seg_classes)
   path = os.path.join(out_dir, 'analysis.json')
-  state_lib.write_json_atomic(path, payload)
+  files.write_json_atomic(path, payload)
   print(f'Figure 3: {figure} (numbers: {path})', flush=True)
   return dict(payload, figure=figure, json=path)

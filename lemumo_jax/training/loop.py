@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lemumo_jax import files
 from lemumo_jax.training import progress
 from lemumo_jax.training import state as state_lib
 
@@ -157,7 +158,7 @@ def check_run_config(path: str, current: Mapping[str, Any], *, resumable: Iterab
     current = dict(previous, **current)
   if record and jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    state_lib.write_json_atomic(path, current)
+    files.write_json_atomic(path, current)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -264,7 +265,7 @@ def save_best(directory: str, step: int, state, values: dict[str, Any]) -> dict[
   best = {'step': int(step), 'params_dir': name,
           'metrics': {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}}
   if jax.process_index() == 0:
-    state_lib.write_json_atomic(os.path.join(best_dir, 'best.json'), best)
+    files.write_json_atomic(os.path.join(best_dir, 'best.json'), best)
     for entry in os.listdir(best_dir):
       if entry.startswith('params_') and entry != name:
         shutil.rmtree(os.path.join(best_dir, entry), ignore_errors=True)

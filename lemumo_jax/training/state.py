@@ -17,6 +17,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lemumo_jax import files
 from lemumo_jax.models import encoders
 
 
@@ -118,14 +119,6 @@ def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
   return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON to path.tmp, then renames it over path: readers never see half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f, indent=2, default=float)
-  os.replace(tmp, path)
-
-
 def checkpoint_manager(workdir: str, train_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=train_cfg.checkpoint_every, max_to_keep=train_cfg.keep_checkpoints,
@@ -213,10 +206,7 @@ def export_encoder(workdir: str, encoder_params: Any, config: ml_collections.Con
   meta = {'model': config.model.to_dict(), 'method': config.method, 'step': int(step),
           'params_dir': name, 'fingerprint': fingerprint, 'data': config.data.to_dict()}
   if jax.process_index() == 0:
-    tmp = os.path.join(directory, '.encoder_config.json.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(meta, f, indent=2, default=list)
-    os.replace(tmp, os.path.join(directory, 'encoder_config.json'))
+    files.write_json_atomic(os.path.join(directory, 'encoder_config.json'), meta)
     for entry in os.listdir(directory):
       if entry.startswith('params_') and entry != name:
         shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
