@@ -17,7 +17,8 @@ from conftest import REPO, TINY_FLAGS, tiny_config
 from configs import common, flir
 from lemumo_jax import modes
 from lemumo_jax.data import finetune_views, pipeline
-from lemumo_jax.training import finetune, pretrain, probe, probe_tasks
+from lemumo_jax.tasks import heads as heads_lib
+from lemumo_jax.training import finetune, pretrain, probe
 from lemumo_jax.training import state as state_lib
 
 
@@ -208,8 +209,8 @@ def test_early_stopping_rule():
 def test_early_stop_in_the_loop_and_rerun(tmp_path, encoder_dir, monkeypatch):
   """A validation loss that never improves stops training `patience` validations after the
   first; the stop is checkpointed, so a rerun trains nothing."""
-  result_of = probe_tasks.ProbeEvaluator.result
-  monkeypatch.setattr(probe_tasks.ProbeEvaluator, 'result',
+  result_of = heads_lib.ProbeEvaluator.result
+  monkeypatch.setattr(heads_lib.ProbeEvaluator, 'result',
                       lambda self: dict(result_of(self), loss=1.0))
   config = tiny_config()
   config.finetune.update(encoder_dir=encoder_dir, num_steps=12, val_every=1, patience=2,

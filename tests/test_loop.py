@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from lemumo_jax.training import loop, pretrain, probe, probe_tasks
+from lemumo_jax.tasks import heads as heads_lib
+from lemumo_jax.training import loop, pretrain, probe
 from lemumo_jax.training import state as state_lib
 from tests.conftest import REPO, TINY_FLAGS, tiny_config
 
@@ -93,8 +94,8 @@ def test_probe_never_saves_nan_heads(tmp_path, monkeypatch):
   before the step-2 checkpoint; nothing is saved, no best heads are kept."""
   config = tiny_config()
   config.probe.update(encoder='raw', log_every=100, val_every=100)
-  real = probe_tasks.probe_losses
-  monkeypatch.setattr(probe_tasks, 'probe_losses', lambda *a: {
+  real = heads_lib.probe_losses
+  monkeypatch.setattr(heads_lib, 'probe_losses', lambda *a: {
       k: v * jnp.nan for k, v in real(*a).items()})
   with pytest.raises(loop.NonFiniteLossError, match=r'probes loss became NaN/Inf at step 1 '
                                                     r'\(checked at step 2\); there is no'):

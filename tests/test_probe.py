@@ -14,7 +14,9 @@ from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config
 from lemumo_jax.data import geometry, pipeline, synthetic
 from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import probes
-from lemumo_jax.training import pretrain, probe, probe_tasks
+from lemumo_jax.tasks import heads as heads_lib
+from lemumo_jax.tasks import targets
+from lemumo_jax.training import pretrain, probe
 
 
 # ------------------------------------------------------------------------------------ heads
@@ -67,7 +69,7 @@ def test_head_architectures_follow_s3():
   assert shapes['refine0']['kernel'] == shapes['refine1']['kernel'] == (3, 3, 8, 8)
   assert 'refine0_norm' in shapes and shapes['head']['kernel'] == (1, 1, 8, 4)
 
-  heads = probes.ProbeHeads(tuple(probes.HEADS), 3, 2, 6, (20, 28), centernet_hidden=16,
+  heads = heads_lib.ProbeHeads(tuple(heads_lib.HEADS), 3, 2, 6, (20, 28), centernet_hidden=16,
                             occupancy_hidden=8)
   variables = heads.init(jax.random.PRNGKey(1), patches, train=False)
   out = heads.apply(variables, patches, train=False)
@@ -75,9 +77,9 @@ def test_head_architectures_follow_s3():
   assert out['depth'].shape == (2, 20, 28) and bool(jnp.all(out['depth'] > 0))  # 4x grid
   assert out['occupancy'].shape == (2, 10, 14, 3)                  # 2x grid, C2 + 'any'
   assert out['centernet2d']['wh'].shape == (2, 10, 14, 2)
-  with pytest.raises(ValueError, match='unknown probe heads'):
-    probes.ProbeHeads(('seg', 'boxes'), 3, 2, 6, (4, 4)).init(jax.random.PRNGKey(0), patches,
-                                                              train=False)
+  with pytest.raises(ValueError, match="unknown probe head 'boxes'; choose from"):
+    heads_lib.ProbeHeads(('seg', 'boxes'), 3, 2, 6, (4, 4)).init(jax.random.PRNGKey(0), patches,
+                                                                 train=False)
 
 
 def test_segmentation_probe_is_linear():
@@ -95,6 +97,14 @@ def test_segmentation_probe_is_linear():
 # ----------------------------------------------------------------------------------- losses
 
 
+def _seg_loss(logits, labels):
+  return heads_lib.HEADS['seg'].loss(logits, {'seg': labels})['']
+
+
+def _depth_loss(pred, target):
+  return heads_lib.HEADS['depth'].loss(pred, {'depth': target})['']
+
+
 def _np_sigmoid(x):
   return 1 / (1 + np.exp(-x))
 
@@ -108,21 +118,21 @@ def test_segmentation_and_depth_losses_match_numpy():
   valid = labels != 255
   want = -np.take_along_axis(log_p, np.where(valid, labels, 0)[..., None].astype(int),
                              -1)[..., 0][valid].mean()
-  np.testing.assert_allclose(probe_tasks._seg_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)),
+  np.testing.assert_allclose(_seg_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)),
                              want, rtol=1e-5)
   pred = rng.uniform(1, 50, size=(2, 8, 8))
   target = rng.uniform(1, 50, size=(2, 8, 8)) * (rng.uniform(size=(2, 8, 8)) > 0.7)
   want = np.abs(pred - target)[target > 0].mean()
-  np.testing.assert_allclose(probe_tasks._depth_loss(jnp.asarray(pred, jnp.float32),
+  np.testing.assert_allclose(_depth_loss(jnp.asarray(pred, jnp.float32),
                                                jnp.asarray(target, jnp.float32)), want, rtol=1e-5)
-  assert float(probe_tasks._depth_loss(jnp.ones((1, 2, 2)), jnp.zeros((1, 2, 2)))) == 0.0
+  assert float(_depth_loss(jnp.ones((1, 2, 2)), jnp.zeros((1, 2, 2)))) == 0.0
 
 
 def test_occupancy_losses_match_numpy():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 4, 5, 3)) * 3
   target = (rng.uniform(size=(2, 4, 5, 3)) > 0.6).astype(np.float64)
-  got = {k: float(v) for k, v in probe_tasks.occupancy_losses(jnp.asarray(logits, jnp.float32),
+  got = {k: float(v) for k, v in heads_lib.occupancy_losses(jnp.asarray(logits, jnp.float32),
                                                          jnp.asarray(target, jnp.float32)).items()}
   p = _np_sigmoid(logits)
   bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
@@ -134,7 +144,7 @@ def test_occupancy_losses_match_numpy():
   np.testing.assert_allclose(got['consistency'],
                              np.mean(np.abs(p[..., -1] - p[..., :-1].max(-1))), rtol=1e-5)
   # A confident correct prediction has near-zero focal and Dice loss.
-  perfect = probe_tasks.occupancy_losses(jnp.asarray((2 * target - 1) * 20, jnp.float32),
+  perfect = heads_lib.occupancy_losses(jnp.asarray((2 * target - 1) * 20, jnp.float32),
                                    jnp.asarray(target, jnp.float32))
   assert float(perfect['focal']) < 1e-8 and float(perfect['dice']) < 0.05
 
@@ -156,7 +166,7 @@ def test_patch_moments_on_device_match_feature_variance_on_host():
 def test_probe_losses_sum_heads_and_are_per_example_under_vmap():
   rng = np.random.default_rng(4)
   heads = ('centernet3d', 'seg', 'depth', 'occupancy')
-  module = probes.ProbeHeads(heads, 3, 3, 5, (8, 8), centernet_hidden=8, occupancy_hidden=8)
+  module = heads_lib.ProbeHeads(heads, 3, 3, 5, (8, 8), centernet_hidden=8, occupancy_hidden=8)
   patches = jnp.asarray(rng.normal(size=(2, 2, 2, 8)), jnp.float32)
   outputs = module.apply(module.init(jax.random.PRNGKey(0), patches, train=False), patches,
                          train=False)
@@ -173,16 +183,16 @@ def test_probe_losses_sum_heads_and_are_per_example_under_vmap():
       'occupancy': jnp.asarray(rng.uniform(size=(2, 4, 4, 4)) > 0.5, jnp.float32),
   }
   batch['ct3d_heatmap'] = batch['ct3d_heatmap'].at[0, 0, 3, 1].set(1.0)
-  losses = probe_tasks.probe_losses(outputs, batch, heads)
+  losses = heads_lib.probe_losses(outputs, batch, heads)
   np.testing.assert_allclose(losses['loss'], sum(losses[h] for h in heads), rtol=1e-6)
   np.testing.assert_allclose(
       losses['centernet3d'], sum(losses[f'centernet3d/{t}'] for t in
                                  ('heatmap', 'offset', 'size', 'depth', 'yaw')), rtol=1e-6)
   one = lambda tree, i: jax.tree.map(lambda x: x[i:i + 1], tree)
-  per_example = jax.vmap(lambda o, b: probe_tasks.probe_losses(
+  per_example = jax.vmap(lambda o, b: heads_lib.probe_losses(
       jax.tree.map(lambda x: x[None], o), jax.tree.map(lambda x: x[None], b), heads))(outputs, batch)
   for i in range(2):
-    single = probe_tasks.probe_losses(one(outputs, i), one(batch, i), heads)
+    single = heads_lib.probe_losses(one(outputs, i), one(batch, i), heads)
     np.testing.assert_allclose(per_example['loss'][i], single['loss'], rtol=1e-5)
 
 
@@ -192,13 +202,13 @@ def test_probe_losses_sum_heads_and_are_per_example_under_vmap():
 def test_cell_mean_and_occupancy_target():
   rng = np.random.default_rng(5)
   values = rng.uniform(1, 9, size=(12, 10)) * (rng.uniform(size=(12, 10)) > 0.5)
-  got = pipeline.cell_mean(values, (4, 5))
+  got = targets.cell_mean(values, (4, 5))
   for r in range(4):
     for c in range(5):
       block = values[r * 3:(r + 1) * 3, c * 2:(c + 1) * 2]
       want = block[block > 0].mean() if (block > 0).any() else 0.0
       np.testing.assert_allclose(got[r, c], want, rtol=1e-6)
-  occ = pipeline.occupancy_target(np.array([[10, 0, 30, 20], [41, 41, 42, 42]]), np.array([1, 0]),
+  occ = targets.occupancy_target(np.array([[10, 0, 30, 20], [41, 41, 42, 42]]), np.array([1, 0]),
                                   num_classes=2, image_hw=(40, 80), out_hw=(4, 8))
   # 10 px cells: centres at 5, 15, ...; box 1 covers columns 1-2, rows 0-1; box 2 is smaller
   # than a cell and marks the cell holding its centre (row 4 -> clipped to 3, column 4).
@@ -232,7 +242,7 @@ def test_probe_frame_rescales_geometry():
   record = _record()
   geo = pipeline.ProbeGeometry.create((120, 240), 8, (30, 60))
   assert geo.grid_hw == (15, 30) and geo.detection_hw == (30, 60) and geo.depth_hw == (60, 120)
-  frame = pipeline.ProbeFrame(geo, tuple(probes.HEADS), 3, 2, max_objects=4, max_gt_boxes=8)
+  frame = pipeline.ProbeFrame(geo, tuple(heads_lib.HEADS), 3, 2, max_objects=4, max_gt_boxes=8)
   out = frame.map(record)
   assert out['rgb'].shape == (120, 240, 3) and out['companion'].shape == (120, 240)
   uv, _ = geometry.project_points(record['boxes3d'][:, :3], record['intrinsics'])

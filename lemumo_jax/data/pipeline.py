@@ -21,7 +21,8 @@ from PIL import Image
 
 from lemumo_jax.data import geometry as geometry_lib
 from lemumo_jax.data import sources
-from lemumo_jax.tasks import centernet
+from lemumo_jax.tasks import heads as heads_lib
+from lemumo_jax.tasks import targets
 
 
 def _resize_frame(record: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +51,7 @@ class _PretrainFrame(grain.transforms.Map):
     if not self._with_seg:
       return {'rgb': rgb, 'companion': companion}
     return {'rgb': rgb, 'companion': companion,
-            'seg': _nearest(record['seg'], (self._height, self._width))}
+            'seg': targets.nearest(record['seg'], (self._height, self._width))}
 
 
 def steps_per_epoch(num_records: int, global_batch_size: int) -> int:
@@ -150,62 +151,6 @@ def pretrain_loader(data_cfg, global_batch_size: int, *, seed: int, start_step: 
 # ----------------------------------------------------------------------------- probe views
 
 
-def cell_mean(values: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-  """Sparse-aware downsample: [H, W] (0 = no label) -> [h, w], each cell the mean of the valid
-  (> 0, finite) source pixels whose index maps into it (row r -> floor(r h / H)), 0 if none.
-  Nearest or bilinear resizing would drop or smear sparse LiDAR returns. Where the output is
-  finer than the input, the input is first repeated by an integer factor (nearest upsampling)
-  so that every cell has source pixels."""
-  out_h, out_w = out_hw
-  values = np.repeat(np.repeat(values, -(-out_h // values.shape[0]), axis=0),
-                     -(-out_w // values.shape[1]), axis=1)
-  height, width = values.shape
-  rows = (np.arange(height) * out_h) // height
-  cols = (np.arange(width) * out_w) // width
-  cell = (rows[:, None] * out_w + cols[None, :]).reshape(-1)
-  flat = values.reshape(-1).astype(np.float64)
-  valid = np.isfinite(flat) & (flat > 0)
-  total = np.bincount(cell[valid], flat[valid], minlength=out_h * out_w)
-  count = np.bincount(cell[valid], minlength=out_h * out_w)
-  mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-  return mean.reshape(out_h, out_w).astype(np.float32)
-
-
-def occupancy_target(boxes2d: np.ndarray, classes: np.ndarray, num_classes: int,
-                     image_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
-  """[h, w, num_classes + 1] float32 box-footprint occupancy: a cell is occupied by a box when
-  its centre lies inside the box (or it holds the centre of a box too small to cover any
-  cell centre); the last channel is 'any object'."""
-  out_h, out_w = out_hw
-  sy, sx = image_hw[0] / out_h, image_hw[1] / out_w
-  target = np.zeros((out_h, out_w, num_classes + 1), np.float32)
-  centre_x = (np.arange(out_w) + 0.5) * sx
-  centre_y = (np.arange(out_h) + 0.5) * sy
-  for (x1, y1, x2, y2), cls in zip(np.asarray(boxes2d, np.float64).reshape(-1, 4),
-                                   np.asarray(classes).reshape(-1)):
-    if not (x2 > x1 and y2 > y1):
-      continue
-    in_x = (centre_x >= x1) & (centre_x < x2)
-    in_y = (centre_y >= y1) & (centre_y < y2)
-    cells = in_y[:, None] & in_x[None, :]
-    if not cells.any():
-      col = int(np.clip((x1 + x2) / 2 / sx, 0, out_w - 1))
-      row = int(np.clip((y1 + y2) / 2 / sy, 0, out_h - 1))
-      cells[row, col] = True
-    target[..., int(cls)][cells] = 1.0
-  target[..., -1] = target[..., :-1].max(-1) if num_classes else 0.0
-  return target
-
-
-def _pad_rows(array: np.ndarray, rows: int, what: str) -> np.ndarray:
-  if array.shape[0] > rows:
-    raise ValueError(f'a frame has {array.shape[0]} visible {what}, more than '
-                     f'probe.max_gt_boxes={rows}; raise it (--config.probe.max_gt_boxes=N)')
-  out = np.zeros((rows, *array.shape[1:]), array.dtype)
-  out[:array.shape[0]] = array
-  return out
-
-
 @dataclasses.dataclass(frozen=True)
 class ProbeGeometry:
   """Resolutions of one probe setup: the clean view, the encoder's patch grid and every head's
@@ -258,54 +203,23 @@ class ProbeFrame(grain.transforms.Map):
 
   def __init__(self, geometry: ProbeGeometry, heads: tuple[str, ...], num_classes_3d: int,
                num_classes_2d: int, max_objects: int, max_gt_boxes: int):
-    self._geometry, self._heads = geometry, tuple(heads)
-    self._num_classes_3d, self._num_classes_2d = num_classes_3d, num_classes_2d
-    self._max_objects, self._max_gt = max_objects, max_gt_boxes
+    self._heads = tuple(heads_lib.get(name) for name in heads)
+    self._spec = heads_lib.Spec(geometry, num_classes_3d, num_classes_2d, max_objects,
+                                max_gt_boxes)
 
   def map(self, record):
-    geo, heads, m, g = self._geometry, self._heads, self._max_objects, self._max_gt
-    height, width = geo.image_hw
+    height, width = self._spec.geometry.image_hw
     src_h, src_w = record['rgb'].shape[:2]
     sx, sy = width / src_w, height / src_h
     rgb, companion = _resize_frame(record, height, width)
     intrinsics = geometry_lib.scale_intrinsics(record['intrinsics'], sx, sy)
     out = {'rgb': rgb, 'companion': companion, 'intrinsics': intrinsics.astype(np.float32),
            'valid': np.float32(1.0)}
-    boxes3d, cls3d = record['boxes3d'], record['boxes3d_cls']
-    boxes2d = record['boxes2d'].astype(np.float64) * np.array([sx, sy, sx, sy])
-    cls2d = record['boxes2d_cls']
-    if 'centernet3d' in heads:
-      visible = centernet.visible_3d(boxes3d, intrinsics, geo.image_hw)
-      out['gt3d_boxes'] = _pad_rows(boxes3d[visible].astype(np.float32), g, '3D boxes')
-      out['gt3d_classes'] = _pad_rows(cls3d[visible].astype(np.int32), g, '3D boxes')
-      out['gt3d_mask'] = _pad_rows(np.ones(int(visible.sum()), np.float32), g, '3D boxes')
-      targets = centernet.encode_targets_3d(boxes3d, cls3d, intrinsics, geo.image_hw,
-                                            geo.detection_hw, self._num_classes_3d, m)
-      out.update({f'ct3d_{k}': v for k, v in targets.items()})
-    if 'centernet2d' in heads:
-      visible2d = centernet.visible_2d(boxes2d, geo.image_hw)
-      out['gt2d_boxes'] = _pad_rows(boxes2d[visible2d].astype(np.float32), g, '2D boxes')
-      out['gt2d_classes'] = _pad_rows(cls2d[visible2d].astype(np.int32), g, '2D boxes')
-      out['gt2d_mask'] = _pad_rows(np.ones(int(visible2d.sum()), np.float32), g, '2D boxes')
-      targets = centernet.encode_targets_2d(boxes2d, cls2d, geo.image_hw, geo.detection_hw,
-                                            self._num_classes_2d, m)
-      out.update({f'ct2d_{k}': v for k, v in targets.items()})
-    if 'seg' in heads:
-      out['seg'] = _nearest(record['seg'], geo.seg_hw)
-    if 'depth' in heads:
-      out['depth'] = cell_mean(record['depth_target'], geo.depth_hw)
-    if 'occupancy' in heads:
-      out['occupancy'] = occupancy_target(boxes2d, cls2d, self._num_classes_2d, geo.image_hw,
-                                          geo.occupancy_hw)
+    frame = heads_lib.Frame(record, (height, width), intrinsics,
+                            record['boxes2d'].astype(np.float64) * np.array([sx, sy, sx, sy]))
+    for head in self._heads:
+      out.update(head.targets(frame, self._spec))
     return out
-
-
-def _nearest(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-  """Nearest-neighbour resize by pixel centres ([H, W, ...] -> [h, w, ...])."""
-  height, width = image.shape[:2]
-  rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * height / out_hw[0]).astype(int), height - 1)
-  cols = np.minimum(((np.arange(out_hw[1]) + 0.5) * width / out_hw[1]).astype(int), width - 1)
-  return image[rows[:, None], cols[None, :]]
 
 
 def probe_train_loader(data_cfg, frame: ProbeFrame | grain.transforms.RandomMap,

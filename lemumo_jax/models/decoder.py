@@ -14,11 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lemumo_jax.models import probes
+from lemumo_jax.tasks import heads as heads_lib
 
 
 class DecoderHeads(nn.Module):
-  """patches [B, h, w, D] -> the outputs of probes.ProbeHeads for `heads`."""
+  """patches [B, h, w, D] -> the outputs of tasks.heads.ProbeHeads for `heads`."""
   heads: tuple[str, ...]
   num_classes_3d: int
   num_classes_2d: int
@@ -38,7 +38,7 @@ class DecoderHeads(nn.Module):
       x = nn.Conv(self.hidden, (3, 3), padding='SAME', name=f'decoder{i}')(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                name=f'decoder{i}_bn')(x))
-    return probes.ProbeHeads(
+    return heads_lib.ProbeHeads(
         heads=tuple(self.heads), num_classes_3d=self.num_classes_3d,
         num_classes_2d=self.num_classes_2d, num_seg_classes=self.num_seg_classes,
         seg_size=tuple(self.seg_size), centernet_hidden=self.hidden,

@@ -1,4 +1,5 @@
-"""Frozen-feature patch probes (paper S3). Every head reads the patch grid [B, h, w, D].
+"""Frozen-feature patch probe modules (paper S3). Every head reads the patch grid [B, h, w, D];
+tasks/heads.py composes them (ProbeHeads) with their targets, losses and metrics.
 
   CenterNet3D   3x3 Conv(D, 256) + BN + ReLU, ConvTranspose 2x, 1x1 heads:
                 heatmap C, offset 2, size 3 (log l, w, h), depth 1 (log z), yaw 2 (sin, cos)
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 
 def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
@@ -117,43 +117,3 @@ class OccupancyProbe(nn.Module):
       y = nn.Conv(self.hidden, (3, 3), padding='SAME', name=f'refine{i}')(x)
       x = x + nn.gelu(nn.GroupNorm(num_groups=8, name=f'refine{i}_norm')(y))
     return nn.Conv(self.num_channels, (1, 1), name='head')(x)
-
-
-HEADS = ('centernet3d', 'centernet2d', 'seg', 'depth', 'occupancy')
-
-
-class ProbeHeads(nn.Module):
-  """Every enabled probe over one frozen patch grid; the heads share nothing but the input.
-
-  patches [B, h, w, D] -> {'centernet3d': {...}, 'centernet2d': {...}, 'seg': [B, Hs, Ws, C],
-  'depth': [B, 4h, 4w], 'occupancy': [B, 2h, 2w, C2 + 1]} for the heads listed in `heads`.
-  """
-  heads: tuple[str, ...]
-  num_classes_3d: int
-  num_classes_2d: int
-  num_seg_classes: int
-  seg_size: tuple[int, int]
-  centernet_hidden: int = 256
-  occupancy_hidden: int = 64
-
-  @nn.compact
-  def __call__(self, patches: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    unknown = sorted(set(self.heads) - set(HEADS))
-    if unknown:
-      raise ValueError(f'unknown probe heads {unknown}; choose from {list(HEADS)}')
-    patches = patches.astype(jnp.float32)
-    out = {}
-    if 'centernet3d' in self.heads:
-      out['centernet3d'] = CenterNet3D(self.num_classes_3d, self.centernet_hidden,
-                                       name='centernet3d')(patches, train=train)
-    if 'centernet2d' in self.heads:
-      out['centernet2d'] = CenterNet2D(self.num_classes_2d, self.centernet_hidden,
-                                       name='centernet2d')(patches, train=train)
-    if 'seg' in self.heads:
-      out['seg'] = SegProbe(self.num_seg_classes, tuple(self.seg_size), name='seg')(patches)
-    if 'depth' in self.heads:
-      out['depth'] = DepthProbe(name='depth')(patches)
-    if 'occupancy' in self.heads:
-      out['occupancy'] = OccupancyProbe(self.num_classes_2d + 1, self.occupancy_hidden,
-                                        name='occupancy')(patches)
-    return out

@@ -30,7 +30,8 @@ import optax
 from lemumo_jax.data import augment, finetune_views, pipeline, sources
 from lemumo_jax.evaluation import report
 from lemumo_jax.models import decoder
-from lemumo_jax.training import loop, pretrained, probe, probe_tasks, progress
+from lemumo_jax.tasks import heads as heads_lib
+from lemumo_jax.training import loop, pretrained, probe, progress
 from lemumo_jax.training import state as state_lib
 
 GROUPS = ('encoder', 'head')   # param groups, each with its own learning rate
@@ -107,7 +108,7 @@ def make_train_step(encoder, heads_module, tx, view_cfg: augment.ViewConfig,
       outputs, updates = heads_module.apply(
           {'params': params['head'], 'batch_stats': state.batch_stats}, patches, train=True,
           mutable=['batch_stats'])
-      losses = probe_tasks.probe_losses(outputs, batch, heads)
+      losses = heads_lib.probe_losses(outputs, batch, heads)
       return losses['loss'], (losses, updates.get('batch_stats', {}))
 
     (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -182,6 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   frame = pipeline.ProbeFrame(geometry, heads, num_classes['classes_3d'],
                               num_classes['classes_2d'], probe_cfg.max_objects,
                               probe_cfg.max_gt_boxes)
+  spec = heads_lib.Spec.create(geometry, metadata, probe_cfg.max_objects, probe_cfg.max_gt_boxes)
   train_frame = finetune_views.CroppedProbeFrame(frame, ft.crop_scale, ft.crop_ratio)
   heads_module = decoder.DecoderHeads(
       heads=heads, num_classes_3d=num_classes['classes_3d'],
@@ -236,7 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{ft.val_every} steps, patience {ft.patience}', flush=True)
 
   def evaluate(eval_state, num_figure_frames=0):
-    evaluator = probe_tasks.ProbeEvaluator(heads, metadata, geometry, probe_cfg, num_figure_frames)
+    evaluator = heads_lib.ProbeEvaluator(heads, spec, probe_cfg, num_figure_frames)
     for host_batch in pipeline.probe_eval_loader(config.data, frame, ft.batch_size):
       batch = state_lib.global_batch(mesh, host_batch)
       evaluator.update(*probe.to_host((*eval_step(eval_state, batch), batch)))

@@ -8,7 +8,7 @@ crop, flip or colour). The heads train with AdamW for probe.num_epochs, are vali
 full val split every probe.val_every steps, and the validation with the lowest total probe loss
 is kept: its params are saved and its metrics are the reported numbers.
 
-The heads' losses and the validation metrics are in probe_tasks.py.
+Each head's targets, loss, predictions and metric are in tasks/heads.py.
 
 The report also carries `patch_variance/{frame,position,local}`: the final validation pass
 splits the frozen grid's variance into what every token of a frame shares, what depends on the
@@ -48,8 +48,9 @@ from jax.experimental import multihost_utils
 
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.evaluation import metrics, report, robustness
-from lemumo_jax.models import encoders, probes
-from lemumo_jax.training import feature_cache, loop, pretrained, probe_tasks, progress
+from lemumo_jax.models import encoders
+from lemumo_jax.tasks import heads as heads_lib
+from lemumo_jax.training import feature_cache, loop, pretrained, progress
 from lemumo_jax.training import state as state_lib
 
 # ----------------------------------------------------------------------------------- set-up
@@ -69,11 +70,9 @@ def probe_dirname(probe_cfg: ml_collections.ConfigDict) -> str:
 
 def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str,
                 config_key: str = 'probe.heads') -> None:
-  loop.check_names(heads, config_key, probes.HEADS)
-  needs = {'centernet3d': 'classes_3d', 'centernet2d': 'classes_2d', 'seg': 'seg_classes',
-           'occupancy': 'classes_2d'}
+  loop.check_names(heads, config_key, heads_lib.HEADS)
   for head in heads:
-    key = needs.get(head)
+    key = heads_lib.get(head).needs
     if key and not metadata.get(key):
       raise ValueError(f'probe head {head!r} needs {key} in the dataset metadata '
                        f'({data_dir or "synthetic"}), which has none; drop it from '
@@ -146,7 +145,7 @@ def patch_moments(patches: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
           'position_sum': jnp.einsum('b,bpd->pd', weight, x)}
 
 
-def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, schedule):
+def make_probe_steps(encoder, heads_module: heads_lib.ProbeHeads, tx, view_cfg, schedule):
   """(train_step, eval_step). train_step(state, encoder_params, batch) -> (state, metrics);
   eval_step(state, encoder_params, batch) -> (per-example losses, predictions, patch_moments of
   the frozen grid)."""
@@ -160,7 +159,7 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
       outputs, updates = heads_module.apply(
           {'params': params, 'batch_stats': state.batch_stats}, patches, train=True,
           mutable=['batch_stats'])
-      losses = probe_tasks.probe_losses(outputs, batch, heads)
+      losses = heads_lib.probe_losses(outputs, batch, heads)
       return losses['loss'], (losses, updates.get('batch_stats', {}))
 
     (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -173,19 +172,8 @@ def make_probe_steps(encoder, heads_module: probes.ProbeHeads, tx, view_cfg, sch
     outputs = heads_module.apply({'params': state.params, 'batch_stats': state.batch_stats},
                                  patches, train=False)
     one = lambda tree: jax.tree.map(lambda x: x[None], tree)
-    losses = jax.vmap(lambda o, b: probe_tasks.probe_losses(one(o), one(b), heads))(outputs, batch)
-    preds = {}
-    for head, prefix in (('centernet3d', 'ct3d'), ('centernet2d', 'ct2d')):
-      if head in heads:
-        preds.update({f'{prefix}_{k}': v for k, v in outputs[head].items()})
-        preds[f'{prefix}_heatmap'] = jax.nn.sigmoid(outputs[head]['heatmap'])
-    if 'seg' in heads:
-      preds['seg'] = jnp.argmax(outputs['seg'], axis=-1).astype(jnp.int32)
-    if 'depth' in heads:
-      preds['depth'] = outputs['depth']
-    if 'occupancy' in heads:
-      preds['occupancy'] = jax.nn.sigmoid(outputs['occupancy'])
-    return losses, preds, patch_moments(patches, batch['valid'])
+    losses = jax.vmap(lambda o, b: heads_lib.probe_losses(one(o), one(b), heads))(outputs, batch)
+    return losses, heads_lib.predictions(outputs, heads), patch_moments(patches, batch['valid'])
 
   return train_step, eval_step
 
@@ -231,7 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   frame = pipeline.ProbeFrame(geometry, heads, len(metadata.get('classes_3d', ())),
                               len(metadata.get('classes_2d', ())), probe_cfg.max_objects,
                               probe_cfg.max_gt_boxes)
-  heads_module = probes.ProbeHeads(
+  spec = heads_lib.Spec.create(geometry, metadata, probe_cfg.max_objects, probe_cfg.max_gt_boxes)
+  heads_module = heads_lib.ProbeHeads(
       heads=heads, num_classes_3d=len(metadata.get('classes_3d', ())),
       num_classes_2d=len(metadata.get('classes_2d', ())),
       num_seg_classes=len(metadata.get('seg_classes', ())), seg_size=geometry.seg_hw,
@@ -305,8 +294,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                condition: str | None = None) -> tuple[dict[str, Any], list]:
     """One validation pass; with `variance`, the frozen grid's moments accumulate into it; with
     a robustness `condition`, rendered frames (never the cache) with the companion perturbed."""
-    evaluator = probe_tasks.ProbeEvaluator(heads, metadata, geometry, probe_cfg,
-                                           num_figure_frames)
+    evaluator = heads_lib.ProbeEvaluator(heads, spec, probe_cfg, num_figure_frames)
     batches = (cache.val_batches() if cache and condition is None else
                pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size))
     for i, host_batch in enumerate(batches):
