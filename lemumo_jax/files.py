@@ -25,3 +25,15 @@ def _plain(value: Any) -> Any:
   if isinstance(value, (tuple, set, frozenset)):
     return list(value)
   return float(value)
+
+
+def read_json(path: str, fix: str) -> Any | None:
+  """The JSON at path, or None when there is no file; a truncated or unreadable one is a
+  ValueError naming the file, then `fix` (what the user should do)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is not readable JSON ({e}); {fix}') from e

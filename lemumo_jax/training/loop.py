@@ -133,14 +133,7 @@ def check_run_config(path: str, current: Mapping[str, Any], *, resumable: Iterab
   record=False compares only (a stage that checks before its slow set-up and records after).
   """
   current = as_json(dict(current))
-  previous = None
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        previous = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ValueError(f'{path} is not readable JSON ({e}): it records the run in this '
-                       f'directory; restore it or {fix}') from e
+  previous = files.read_json(path, f'it records the run in this directory; restore it or {fix}')
   if previous is not None:
     old, new = _flatten(previous), _flatten(current)
     keys = sorted(k for k in set(old) | set(new) if old.get(k, '<absent>') != new.get(k, '<absent>')
@@ -242,15 +235,9 @@ class _SigtermFlag:
 
 def read_best(directory: str) -> dict[str, Any] | None:
   """best/best.json of a stage directory (step, params_dir, metrics), or None."""
-  path = os.path.join(directory, 'best', 'best.json')
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path} is not readable JSON ({e}); remove {os.path.dirname(path)} '
-                     f'and rerun: the final state is validated again') from e
+  best_dir = os.path.join(directory, 'best')
+  return files.read_json(os.path.join(best_dir, 'best.json'),
+                         f'remove {best_dir} and rerun: the final state is validated again')
 
 
 def save_best(directory: str, step: int, state, values: dict[str, Any]) -> dict[str, Any]:

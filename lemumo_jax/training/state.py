@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from typing import Any
@@ -170,15 +169,8 @@ def params_fingerprint(params: Any) -> str:
 def read_encoder_config(directory: str) -> dict[str, Any] | None:
   """encoder_config.json of an export directory, or None when there is none; a truncated or
   unreadable file is an error naming it."""
-  path = os.path.join(directory, 'encoder_config.json')
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path} is not readable JSON ({e}); re-export the encoder (rerun '
-                     f'mode=pretrain in its workdir)') from e
+  return files.read_json(os.path.join(directory, 'encoder_config.json'),
+                         're-export the encoder (rerun mode=pretrain in its workdir)')
 
 
 def export_encoder(workdir: str, encoder_params: Any, config: ml_collections.ConfigDict,
