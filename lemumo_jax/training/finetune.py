@@ -27,11 +27,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from lemumo_jax.data import augment, finetune_views, pipeline, sources
+from lemumo_jax.data import augment, finetune_views, pipeline
 from lemumo_jax.evaluation import report
 from lemumo_jax.models import decoder
 from lemumo_jax.tasks import heads as heads_lib
-from lemumo_jax.training import loop, pretrained, probe, progress
+from lemumo_jax.training import downstream, loop, pretrained, probe, progress
 from lemumo_jax.training import state as state_lib
 
 GROUPS = ('encoder', 'head')   # param groups, each with its own learning rate
@@ -165,25 +165,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if ft.select_by not in SELECT_BY:
     raise ValueError(f'config.finetune.select_by must be one of {SELECT_BY}, got '
                      f'{ft.select_by!r}')
-  loop.check_schedule(ft, 'finetune', ('log_every', 'checkpoint_every', 'val_every',
-                                        'patience'))
-  metadata = sources.dataset_metadata(config.data)
-  heads = tuple(ft.heads)
-  probe.check_heads(heads, metadata, config.data.data_dir, config_key='finetune.heads')
-  image_hw = loop.check_pair(probe_cfg.image_size, 'probe.image_size')
-  loop.check_pair(probe_cfg.seg_size, 'probe.seg_size')
+  setup = downstream.check(config, 'finetune', ('log_every', 'checkpoint_every', 'val_every',
+                                                'patience'))
+  metadata, heads, image_hw = setup.metadata, setup.heads, setup.image_hw
   encoder_dir = pretrained.resolve_dir(ft.encoder_dir, 'finetune.encoder_dir', workdir)
   encoder, encoder_params, model_cfg = pretrained.load_encoder(encoder_dir, config.model,
                                                                'finetune.encoder_dir')
   check_run_config(finetune_dir, config, encoder_dir, encoder_params)
-  geometry = pipeline.ProbeGeometry.create(image_hw, int(model_cfg['patch_size']),
-                                           probe_cfg.seg_size)
-  num_classes = {key: len(metadata.get(key, ())) for key in ('classes_3d', 'classes_2d',
-                                                             'seg_classes')}
-  frame = pipeline.ProbeFrame(geometry, heads, num_classes['classes_3d'],
-                              num_classes['classes_2d'], probe_cfg.max_objects,
-                              probe_cfg.max_gt_boxes)
-  spec = heads_lib.Spec.create(geometry, metadata, probe_cfg.max_objects, probe_cfg.max_gt_boxes)
+  views = downstream.views(config, 'finetune', setup, int(model_cfg['patch_size']))
+  geometry, frame, mesh = views.geometry, views.frame, views.mesh
+  total_steps, num_val, num_classes = views.total_steps, views.num_val, views.num_classes
   train_frame = finetune_views.CroppedProbeFrame(frame, ft.crop_scale, ft.crop_ratio)
   heads_module = decoder.DecoderHeads(
       heads=heads, num_classes_3d=num_classes['classes_3d'],
@@ -191,21 +182,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       seg_size=geometry.seg_hw, num_layers=ft.decoder_layers, hidden=ft.decoder_hidden,
       occupancy_hidden=probe_cfg.occupancy_hidden)
 
-  num_train = int(metadata['splits']['train'])
-  num_val = int(metadata['splits']['val'])
-  total_steps = (int(ft.num_steps) if ft.num_steps > 0 else
-                 ft.num_epochs * pipeline.steps_per_epoch(num_train, ft.batch_size))
   tx, schedules = make_optimizer(ft, total_steps)
-  mesh = state_lib.make_mesh()
-  if ft.batch_size % mesh.size:
-    raise ValueError(f'config.finetune.batch_size={ft.batch_size} is not divisible by the '
-                     f'{mesh.size} devices of the mesh')
   replicated = state_lib.replicated(mesh)
-  channels = int(model_cfg['companion_channels'])
-  width = jax.eval_shape(
-      lambda p: encoder.apply({'params': p}, jnp.zeros((1, *image_hw, 3)),
-                              jnp.zeros((1, *image_hw, channels)), train=False).patches,
-      encoder_params).shape[-1]
+  width = downstream.feature_width(encoder, encoder_params, image_hw,
+                                   int(model_cfg['companion_channels']))
 
   def init_state(key, encoder_params):
     head = heads_module.init(key, jnp.zeros((1, *geometry.grid_hw, width)), train=False)
@@ -238,11 +218,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f'{ft.val_every} steps, patience {ft.patience}', flush=True)
 
   def evaluate(eval_state, num_figure_frames=0):
-    evaluator = heads_lib.ProbeEvaluator(heads, spec, probe_cfg, num_figure_frames)
-    for host_batch in pipeline.probe_eval_loader(config.data, frame, ft.batch_size):
-      batch = state_lib.global_batch(mesh, host_batch)
-      evaluator.update(*probe.to_host((*eval_step(eval_state, batch), batch)))
-    return evaluator.result(), evaluator.figure_frames
+    return downstream.validate(
+        heads_lib.ProbeEvaluator(heads, views.spec, probe_cfg, num_figure_frames),
+        pipeline.probe_eval_loader(config.data, frame, ft.batch_size), mesh,
+        lambda batch: eval_step(eval_state, batch))
 
   def stale(at_step):
     return stale_validations(at_step, best['step'] if best else None, ft.val_every)
@@ -258,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       num_steps=total_steps)
 
   def on_log(step, scalars, rate):
-    probe.write_train_scalars(writer, step, scalars, rate)
+    downstream.write_train_scalars(writer, step, scalars, rate)
     print(f'finetune step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
           f'({progress.loss_terms(scalars, heads)}) | lr {scalars["lr_encoder"]:.2e}'
           f' / {scalars["lr_head"]:.2e} | {rate:.2f} steps/s, '
@@ -274,7 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if improved:
       best = loop.save_best(finetune_dir, step, state, values)
     note = '  [best]' if improved else f'  ({stale(step)}/{ft.patience} without a new best)'
-    print(f'val @ {step}: {probe.fmt_val(values)}{note}', flush=True)
+    print(f'val @ {step}: {downstream.fmt_val(values)}{note}', flush=True)
     if stale(step) >= ft.patience:
       print(f'Early stop at step {step}: {ft.patience} validations without a new best '
             f'{ft.select_by} (best at step {best["step"]})', flush=True)
@@ -299,7 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
   row = report.ReportRow(
       method=f'{config.method} fine-tuned',
-      training_data=probe.training_data_label(model_cfg, metadata.get('companion', 'depth')),
+      training_data=downstream.training_data_label(model_cfg, metadata.get('companion', 'depth')),
       metrics=values)
   paths = report.write_report(
       finetune_dir, row, details={

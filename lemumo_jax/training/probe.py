@@ -44,13 +44,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
-from lemumo_jax.data import augment, pipeline, sources
+from lemumo_jax.data import augment, pipeline
 from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import encoders
 from lemumo_jax.tasks import heads as heads_lib
-from lemumo_jax.training import feature_cache, loop, pretrained, progress
+from lemumo_jax.training import downstream, feature_cache, loop, pretrained, progress
 from lemumo_jax.training import state as state_lib
 
 # ----------------------------------------------------------------------------------- set-up
@@ -66,27 +65,6 @@ def probe_dirname(probe_cfg: ml_collections.ConfigDict) -> str:
     raise ValueError(f"config.probe.encoder must be 'pretrained', 'random' or 'raw', got "
                      f'{probe_cfg.encoder!r}')
   return ENCODERS[probe_cfg.encoder][0]
-
-
-def check_heads(heads: tuple[str, ...], metadata: dict[str, Any], data_dir: str,
-                config_key: str = 'probe.heads') -> None:
-  loop.check_names(heads, config_key, heads_lib.HEADS)
-  for head in heads:
-    key = heads_lib.get(head).needs
-    if key and not metadata.get(key):
-      raise ValueError(f'probe head {head!r} needs {key} in the dataset metadata '
-                       f'({data_dir or "synthetic"}), which has none; drop it from '
-                       f'config.{config_key}')
-
-
-def training_data_label(model_cfg, companion: str) -> str:
-  """The paper's "Training Data" column: modalities the encoder saw (None: no encoder)."""
-  if model_cfg is None:
-    return 'none'
-  other = {'depth': 'Depth', 'thermal': 'Thermal'}.get(companion, companion)
-  if model_cfg['family'] == 'vit':
-    return 'RGB' if model_cfg['inputs'] == 'rgb' else other
-  return f'RGB+{other}'
 
 
 def _load_encoder(config: ml_collections.ConfigDict, workdir: str, image_hw):
@@ -106,16 +84,6 @@ def _load_encoder(config: ml_collections.ConfigDict, workdir: str, image_hw):
       key, jnp.zeros((1, *image_hw, 3)), jnp.zeros((1, *image_hw, channels)),
       train=False)['params'])(jax.random.PRNGKey(config.seed))
   return module, params, config.model, f'random init (seed {config.seed}), frozen'
-
-
-def to_host(tree):
-  """Global arrays -> numpy on this host (all hosts' rows on multi-host runs)."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
-# ------------------------------------------------------------------------------------ steps
 
 
 def frozen_features_fn(encoder, view_cfg: augment.ViewConfig):
@@ -181,16 +149,6 @@ def make_probe_steps(encoder, heads_module: heads_lib.ProbeHeads, tx, view_cfg, 
 # ------------------------------------------------------------------------------------- loop
 
 
-def fmt_val(values: dict[str, Any]) -> str:
-  parts = [f'loss {values["loss"]:.4f}']
-  for key, label, scale, digits in (('mAP_XY', 'mAP XY', 100, 1), ('depth_MAE', 'Depth MAE', 1, 3),
-                                    ('mAP_XZ', 'mAP XZ', 100, 1), ('seg_mIoU', 'mIoU', 1, 3),
-                                    ('mAP50', 'mAP50', 100, 2), ('occupancy_IoU', 'occ IoU', 1, 3)):
-    if key in values:
-      parts.append(f'{label} {values[key] * scale:.{digits}f}')
-  return ', '.join(parts)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the probes on the frozen encoder, keeps the best validation, writes the report.
 
@@ -201,52 +159,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   probe_cfg = config.probe
   probe_dir = os.path.join(workdir, probe_dirname(probe_cfg))
-  loop.check_schedule(probe_cfg, 'probe', ('log_every', 'checkpoint_every', 'val_every'))
-  loop.check_pair(config.data.image_size, 'data.image_size')
-  image_hw = loop.check_pair(probe_cfg.image_size, 'probe.image_size')
-  loop.check_pair(probe_cfg.seg_size, 'probe.seg_size')
-  metadata = sources.dataset_metadata(config.data)
-  heads = tuple(probe_cfg.heads)
-  check_heads(heads, metadata, config.data.data_dir)
+  setup = downstream.check(config, 'probe', ('log_every', 'checkpoint_every', 'val_every'))
   robustness.check_conditions(probe_cfg.robustness)
+  metadata, heads, image_hw = setup.metadata, setup.heads, setup.image_hw
   encoder, encoder_params, model_cfg, encoder_desc = _load_encoder(config, workdir, image_hw)
   run_config = {'encoder': encoder_identity(config, workdir, encoder_params), 'seed': config.seed,
                 'data': config.data,
                 'probe': {k: v for k, v in probe_cfg.items() if k != 'encoder_dir'}}
   check_probe_config(probe_dir, run_config, record=False)  # before anything is built
-  geometry = pipeline.ProbeGeometry.create(image_hw, int(model_cfg['patch_size']),
-                                           probe_cfg.seg_size)
-  frame = pipeline.ProbeFrame(geometry, heads, len(metadata.get('classes_3d', ())),
-                              len(metadata.get('classes_2d', ())), probe_cfg.max_objects,
-                              probe_cfg.max_gt_boxes)
-  spec = heads_lib.Spec.create(geometry, metadata, probe_cfg.max_objects, probe_cfg.max_gt_boxes)
+  views = downstream.views(config, 'probe', setup, int(model_cfg['patch_size']))
+  geometry, frame, mesh = views.geometry, views.frame, views.mesh
+  total_steps, num_val = views.total_steps, views.num_val
   heads_module = heads_lib.ProbeHeads(
-      heads=heads, num_classes_3d=len(metadata.get('classes_3d', ())),
-      num_classes_2d=len(metadata.get('classes_2d', ())),
-      num_seg_classes=len(metadata.get('seg_classes', ())), seg_size=geometry.seg_hw,
+      heads=heads, num_classes_3d=views.num_classes['classes_3d'],
+      num_classes_2d=views.num_classes['classes_2d'],
+      num_seg_classes=views.num_classes['seg_classes'], seg_size=geometry.seg_hw,
       centernet_hidden=probe_cfg.centernet_hidden, occupancy_hidden=probe_cfg.occupancy_hidden)
-
-  num_train = int(metadata['splits']['train'])
-  num_val = int(metadata['splits']['val'])
-  total_steps = (int(probe_cfg.num_steps) if probe_cfg.num_steps > 0 else
-                 probe_cfg.num_epochs * pipeline.steps_per_epoch(num_train, probe_cfg.batch_size))
   optim_cfg = ml_collections.ConfigDict(dict(
       lr=probe_cfg.lr, weight_decay=probe_cfg.weight_decay, b1=0.9, b2=0.999,
       warmup_fraction=probe_cfg.warmup_fraction, final_lr_fraction=1e-3, grad_clip=0.0))
   schedule = state_lib.learning_rate_schedule(optim_cfg, total_steps)
   tx = state_lib.make_optimizer(optim_cfg, total_steps)
 
-  mesh = state_lib.make_mesh()
-  if probe_cfg.batch_size % mesh.size:
-    raise ValueError(f'config.probe.batch_size={probe_cfg.batch_size} is not divisible by the '
-                     f'{mesh.size} devices of the mesh')
   replicated = state_lib.replicated(mesh)
   encoder_params = jax.device_put(encoder_params, replicated)
-  # Feature channels as the encoder emits them (late fusion concatenates two branches).
-  width = jax.eval_shape(
-      lambda p: encoder.apply({'params': p}, jnp.zeros((1, *image_hw, 3)),
-                              jnp.zeros((1, *image_hw, int(model_cfg['companion_channels']))),
-                              train=False).patches, encoder_params).shape[-1]
+  width = downstream.feature_width(encoder, encoder_params, image_hw,
+                                   int(model_cfg['companion_channels']))
 
   def init_state(key):
     dummy = jnp.zeros((1, *geometry.grid_hw, width))
@@ -294,20 +232,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                condition: str | None = None) -> tuple[dict[str, Any], list]:
     """One validation pass; with `variance`, the frozen grid's moments accumulate into it; with
     a robustness `condition`, rendered frames (never the cache) with the companion perturbed."""
-    evaluator = heads_lib.ProbeEvaluator(heads, spec, probe_cfg, num_figure_frames)
+    evaluator = heads_lib.ProbeEvaluator(heads, views.spec, probe_cfg, num_figure_frames)
     batches = (cache.val_batches() if cache and condition is None else
                pipeline.probe_eval_loader(config.data, frame, probe_cfg.batch_size))
-    for i, host_batch in enumerate(batches):
-      if condition is not None:
-        host_batch = robustness.perturb_batch(host_batch, condition, seed=config.seed,
-                                              batch_index=i)
-      batch = state_lib.global_batch(mesh, host_batch)
+    if condition is not None:
+      batches = (robustness.perturb_batch(b, condition, seed=config.seed, batch_index=i)
+                 for i, b in enumerate(batches))
+
+    def eval_fn(batch):
       losses, preds, moments = eval_step(eval_state, encoder_params, batch)
-      targets = {k: v for k, v in batch.items() if k != 'patches'}
-      evaluator.update(*to_host((losses, preds, targets)))
       if variance is not None:
-        variance.update_moments(**to_host(moments))
-    return evaluator.result(), evaluator.figure_frames
+        variance.update_moments(**downstream.to_host(moments))
+      return losses, preds
+
+    return downstream.validate(evaluator, batches, mesh, eval_fn)
 
   writer = progress.metric_writer(probe_dir)
   val_history = []
@@ -316,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             pipeline.probe_train_loader(config.data, frame, probe_cfg.batch_size, **loader_args))
 
   def on_log(step, scalars, rate):
-    write_train_scalars(writer, step, scalars, rate)
+    downstream.write_train_scalars(writer, step, scalars, rate)
     print(f'probe step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
           f'({progress.loss_terms(scalars, heads)}) | lr {scalars["lr"]:.2e} | '
           f'{rate:.2f} steps/s | ETA {progress.eta(total_steps - step, rate)}', flush=True)
@@ -329,7 +267,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     improved = best is None or values['loss'] < best['metrics']['loss']
     if improved:
       best = loop.save_best(probe_dir, step, state, values)
-    print(f'val @ {step}: {fmt_val(values)}{"  [best]" if improved else ""}', flush=True)
+    print(f'val @ {step}: {downstream.fmt_val(values)}{"  [best]" if improved else ""}',
+          flush=True)
     return False
 
   try:
@@ -364,7 +303,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer.flush()
   row = report.ReportRow(
       method=config.method + ENCODERS[probe_cfg.encoder][1],
-      training_data=training_data_label(encoder_cfg, companion), metrics=values)
+      training_data=downstream.training_data_label(encoder_cfg, companion), metrics=values)
   paths = report.write_report(
       probe_dir, row, details={
           'encoder': encoder_desc, 'best_step': best['step'], 'total_steps': total_steps,
@@ -394,16 +333,9 @@ def run_robustness(names: tuple[str, ...], encoder_cfg, companion: str,
       continue
     start = time.perf_counter()
     out[name] = evaluate(name)
-    print(f'robustness [{robustness.label(name)}]: {fmt_val(out[name])} '
+    print(f'robustness [{robustness.label(name)}]: {downstream.fmt_val(out[name])} '
           f'({time.perf_counter() - start:.1f} s)', flush=True)
   return out
-
-
-def write_train_scalars(writer, step: int, scalars: dict[str, float], rate: float) -> None:
-  """A logged train step of the probe / fine-tune loops as train/<name> scalars, with
-  train/steps_per_sec."""
-  writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()}
-                       | {'train/steps_per_sec': rate})
 
 
 # Probe settings a resumed probe run may change: how it runs and what the report shows, not
