@@ -84,6 +84,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   explicit = [f'--{f.name}' for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
               if f.value is not None]
+  repeated = modes.repeated_tuple_overrides(sys.argv[1:], config)
+  if repeated:
+    raise app.UsageError(f'--config.{", --config.".join(repeated)} given more than once: '
+                         f'ml_collections would append the tuples; give each once')
   if explicit and not _DISTRIBUTED.value:
     raise app.UsageError(f'{", ".join(explicit)} only apply with --distributed')
   if _DISTRIBUTED.value:

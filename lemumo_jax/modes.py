@@ -6,6 +6,7 @@ these without defining main's flags in their process.
 
 from __future__ import annotations
 
+import collections
 import os
 
 # config.mode values; main.py dispatches on them.
@@ -22,3 +23,25 @@ def default_workdir(config_path: str, method: str) -> str:
   else:
     regime = arg.partition(',')[2]
   return os.path.join('runs', f'{stem}_{method}' + (f'_{regime}' if regime else ''))
+
+
+def repeated_tuple_overrides(argv: list[str], config) -> list[str]:
+  """The tuple-valued config keys given more than once as --config.<key>=... in argv.
+
+  ml_collections appends a tuple override given twice (--config.probe.heads twice trains the
+  union of both lists), while a repeated scalar simply takes the last value (which
+  benchmarks/paper_tables.py relies on to set config.mode after the user's flags).
+  """
+  counts = collections.Counter(arg[len('--config.'):].split('=', 1)[0] for arg in argv
+                               if arg.startswith('--config.'))
+  repeated = []
+  for key, count in counts.items():
+    node = config
+    try:
+      for part in key.split('.'):
+        node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      continue  # an unknown key is config_flags' error
+    if count > 1 and isinstance(node, (tuple, list)):
+      repeated.append(key)
+  return sorted(repeated)

@@ -14,6 +14,7 @@ import pytest
 
 from configs import synthetic, waymo
 from tests.conftest import REPO, TINY_FLAGS, tiny_config
+from lemumo_jax import modes
 from lemumo_jax.training import pretrain
 from lemumo_jax.training import state as state_lib
 
@@ -57,6 +58,17 @@ def test_command_line_overrides_and_unknown_key(python_env, tmp_path):
   assert result.returncode != 0
   assert 'no_such_key' in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_a_tuple_override_given_twice_is_refused():
+  """ml_collections appends a tuple override given twice (two --config.probe.heads train the
+  union); main refuses that, and still lets a repeated scalar take its last value."""
+  config = synthetic.get_config('lemumo')
+  argv = ["--config.probe.heads=('seg',)", '--config.mode=pretrain', '--config.seed=1',
+          "--config.probe.heads=('depth',)", '--config.mode=probe', '--config.data.image_size',
+          '--config.data.image_size=(4, 4)', '--config.no_such.key=1', '--config.no_such.key=2']
+  assert modes.repeated_tuple_overrides(argv, config) == ['data.image_size', 'probe.heads']
+  assert modes.repeated_tuple_overrides(argv[1:3], config) == []
 
 
 def test_train_runs_checkpoints_and_exports(tmp_path):
