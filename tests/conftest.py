@@ -48,30 +48,34 @@ def tiny_config(method: str = 'lemumo', **train):
   return config
 
 
-# Command-line overrides giving the same tiny config to `python -m lemumo_jax.main`.
-TINY_FLAGS = [
-    '--config.data.num_train=32', '--config.data.num_val=16', '--config.data.image_size=(48, 64)',
-    '--config.data.num_threads=1', '--config.data.prefetch=1',
-    '--config.views.num_local=2', '--config.views.global_size=32', '--config.views.local_size=16',
-    '--config.model.img_size=32', '--config.model.patch_size=8', '--config.model.width=32',
-    '--config.model.depth=2', '--config.model.num_heads=2', '--config.projector.hidden_dim=32',
-    '--config.projector.out_dim=8', '--config.objective.num_slices=16',
-    '--config.train.batch_size=8', '--config.train.log_every=1', '--config.mode=pretrain',
-]
-# ... and the tiny probe stage (add '--config.mode=probe' or 'pretrain_probe').
-TINY_PROBE_FLAGS = [
-    '--config.probe.image_size=(48, 64)', '--config.probe.seg_size=(24, 32)',
-    '--config.probe.batch_size=8', '--config.probe.num_steps=4', '--config.probe.val_every=2',
-    '--config.probe.log_every=1', '--config.probe.checkpoint_every=2',
-    '--config.probe.centernet_hidden=16', '--config.probe.occupancy_hidden=8',
-    '--config.probe.max_objects=16', '--config.probe.num_figure_frames=2',
-]
-# ... and tiny fine-tuning (mode=finetune; it reads the probe view settings above).
-TINY_FINETUNE_FLAGS = [
-    '--config.finetune.batch_size=8', '--config.finetune.num_steps=4',
-    '--config.finetune.val_every=2', '--config.finetune.log_every=1',
-    '--config.finetune.checkpoint_every=2', '--config.finetune.decoder_hidden=16',
-]
+def _flags(keys: str) -> list[str]:
+  """--config.<key>=<value> overrides carrying tiny_config()'s values of `keys` (one source:
+  the subprocess tests run the same tiny config as the in-process ones)."""
+  config = tiny_config()
+  flags = []
+  for key in keys.split():
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    flags.append(f'--config.{key}={tuple(value) if isinstance(value, list) else value}')
+  return flags
+
+
+# tiny_config() for `python -m lemumo_jax.main` ...
+TINY_FLAGS = _flags(
+    'data.num_train data.num_val data.image_size data.num_threads data.prefetch views.num_local '
+    'views.global_size views.local_size model.img_size model.patch_size model.width model.depth '
+    'model.num_heads projector.hidden_dim projector.out_dim objective.num_slices '
+    'train.batch_size train.log_every mode')
+# ... its probe stage (add '--config.mode=probe' or 'pretrain_probe') ...
+TINY_PROBE_FLAGS = _flags(
+    'probe.image_size probe.seg_size probe.batch_size probe.num_steps probe.val_every '
+    'probe.log_every probe.checkpoint_every probe.centernet_hidden probe.occupancy_hidden '
+    'probe.max_objects probe.num_figure_frames')
+# ... and its fine-tuning (mode=finetune; it reads the probe view settings above).
+TINY_FINETUNE_FLAGS = _flags(
+    'finetune.batch_size finetune.num_steps finetune.val_every finetune.log_every '
+    'finetune.checkpoint_every finetune.decoder_hidden')
 
 
 @pytest.fixture

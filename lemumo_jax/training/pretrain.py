@@ -241,7 +241,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   loop.check_run_config(
       os.path.join(workdir, 'config.json'), loop.as_json(config),
       compared=run_sections(config), resumable=RESUMABLE,
-      fix='use a new --workdir, or set those values back to resume it')
+      fix='use a new --workdir, or set those values back to resume it (a dataset moved to '
+          'another data_dir: edit data.data_dir in the workdir\'s config.json)')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
