@@ -270,7 +270,7 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(python_env, tmp_path
   """SIGTERM mid-pretraining (a Slurm time limit, a preemption): the step it is at is
   checkpointed, the process exits with EX_TEMPFAIL, and the same command resumes there."""
   command = [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
-             f'--workdir={tmp_path}', *TINY_FLAGS, '--config.train.num_steps=60',
+             f'--workdir={tmp_path}', *TINY_FLAGS, '--config.train.num_steps=24',
              '--config.train.checkpoint_every=1000']
   proc = subprocess.Popen(command, cwd=REPO, env=python_env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -280,13 +280,13 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(python_env, tmp_path
     line = proc.stdout.readline()
     assert line or proc.poll() is None, ''.join(lines)[-3000:]
     lines.append(line)
-    if line.startswith('step 3/60'):
+    if line.startswith('step 3/24'):
       break
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == loop.EX_TEMPFAIL, out[-3000:]
   preempted_at = int(out.split('pretraining preempted (SIGTERM) at step ')[1].split(':')[0])
-  assert 3 <= preempted_at < 60 and _saved_steps(tmp_path) == [preempted_at]
+  assert 3 <= preempted_at < 24 and _saved_steps(tmp_path) == [preempted_at]
   rerun = subprocess.run(command, cwd=REPO, env=python_env, capture_output=True, text=True,
                          timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
