@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -244,18 +243,11 @@ def save_best(directory: str, step: int, state, values: dict[str, Any]) -> dict[
   """Writes best/params_<step> (Orbax), then best.json naming it (atomic rename), then removes
   older params: a kill at any point leaves a best.json that names complete params."""
   best_dir = os.path.join(directory, 'best')
-  name = f'params_{step}'
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(best_dir, name),
-                    {'params': state.params, 'batch_stats': state.batch_stats}, force=True)
-  checkpointer.wait_until_finished()
-  best = {'step': int(step), 'params_dir': name,
+  best = {'step': int(step), 'params_dir': f'params_{step}',
           'metrics': {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}}
-  if jax.process_index() == 0:
-    files.write_json_atomic(os.path.join(best_dir, 'best.json'), best)
-    for entry in os.listdir(best_dir):
-      if entry.startswith('params_') and entry != name:
-        shutil.rmtree(os.path.join(best_dir, entry), ignore_errors=True)
+  state_lib.publish_params(best_dir, best['params_dir'],
+                           {'params': state.params, 'batch_stats': state.batch_stats},
+                           'best.json', best)
   return best
 
 

@@ -191,18 +191,28 @@ def export_encoder(workdir: str, encoder_params: Any, config: ml_collections.Con
   if (previous and previous.get('fingerprint') == fingerprint
       and os.path.isdir(os.path.join(directory, previous['params_dir']))):
     return directory
-  checkpointer = ocp.StandardCheckpointer()
-  if not os.path.isdir(os.path.join(directory, name)):
-    checkpointer.save(os.path.join(directory, name), host_params)
-    checkpointer.wait_until_finished()
   meta = {'model': config.model.to_dict(), 'method': config.method, 'step': int(step),
           'params_dir': name, 'fingerprint': fingerprint, 'data': config.data.to_dict()}
+  publish_params(directory, name, host_params, 'encoder_config.json', meta)
+  return directory
+
+
+def publish_params(directory: str, name: str, tree: Any, pointer: str,
+                   meta: dict[str, Any]) -> None:
+  """Saves `tree` to directory/name (Orbax finalises it atomically; an existing one is kept),
+  then replaces the JSON `pointer` (meta, which names `name`) by rename, then removes the older
+  params_* folders: at any kill, the pointer names complete params. The encoder export and
+  the probe and fine-tune stages' best params are written this way."""
+  path = os.path.join(directory, name)
+  if not os.path.isdir(path):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    files.write_json_atomic(os.path.join(directory, 'encoder_config.json'), meta)
+    files.write_json_atomic(os.path.join(directory, pointer), meta)
     for entry in os.listdir(directory):
       if entry.startswith('params_') and entry != name:
         shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
-  return directory
 
 
 def load_encoder(directory: str) -> tuple[Any, Any, ml_collections.ConfigDict]:
