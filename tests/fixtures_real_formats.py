@@ -8,7 +8,8 @@
             root rgb_to_thermal_vid_map.json
 
 Everything is generated from explicit parameters (the module constants below) so tests can
-compute the expected geometry independently.
+compute the expected geometry independently. One module of ~540 lines on purpose: the three
+writers share those constants and the scene they describe.
 """
 
 from __future__ import annotations
