@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
+
+import ml_collections
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -37,3 +40,14 @@ def read_json(path: str, fix: str) -> Any | None:
       return json.load(f)
   except (OSError, ValueError) as e:
     raise ValueError(f'{path} is not readable JSON ({e}); {fix}') from e
+
+
+def as_json(tree: Any) -> Any:
+  """A config (dict or ConfigDict) as it reads back from JSON: tuples become lists."""
+  def plain(x):
+    if isinstance(x, (ml_collections.ConfigDict, Mapping)):
+      return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    return x
+  return json.loads(json.dumps(plain(tree), default=float))

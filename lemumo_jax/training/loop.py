@@ -17,7 +17,6 @@ with the keys named, and nothing is written before the config is validated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import threading
@@ -105,15 +104,9 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def as_json(tree: Any) -> Any:
-  """A config (dict or ConfigDict) as it reads back from JSON: tuples become lists."""
-  def plain(x):
-    if isinstance(x, (ml_collections.ConfigDict, Mapping)):
-      return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [plain(v) for v in x]
-    return x
-  return json.loads(json.dumps(plain(tree), default=float))
+# Input-pipeline knobs: how fast the data arrives, never which batches (batch i is a function of
+# the seed and i), so a resumed pretraining or probe run may change them.
+LOADER_KEYS = ('data.num_threads', 'data.prefetch', 'data.num_workers')
 
 
 def _matches(key: str, prefixes: Iterable[str]) -> bool:
@@ -131,7 +124,7 @@ def check_run_config(path: str, current: Mapping[str, Any], *, resumable: Iterab
   updated. Call it after the config is validated: the record is what the next rerun must match.
   record=False compares only (a stage that checks before its slow set-up and records after).
   """
-  current = as_json(dict(current))
+  current = files.as_json(dict(current))
   previous = files.read_json(path, f'it records the run in this directory; restore it or {fix}')
   if previous is not None:
     old, new = _flatten(previous), _flatten(current)

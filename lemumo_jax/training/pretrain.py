@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from lemumo_jax import files
 from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.models import dino as dino_model
 from lemumo_jax.models import multimae, ssl
@@ -226,7 +227,7 @@ RUN_SECTIONS = ('method', 'seed', 'data', 'views', 'model', 'projector', 'object
                 'train')
 # ... except these keys, which change how it runs, not what it computes (logged on resume).
 RESUMABLE = ('train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-             'data.num_threads', 'data.prefetch', 'data.num_workers')
+             *loop.LOADER_KEYS)
 
 
 def run_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -239,7 +240,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   """Refuses to resume a run with other pretraining settings (naming the keys); records the
   config in <workdir>/config.json on a fresh run."""
   loop.check_run_config(
-      os.path.join(workdir, 'config.json'), loop.as_json(config),
+      os.path.join(workdir, 'config.json'), files.as_json(config),
       compared=run_sections(config), resumable=RESUMABLE,
       fix='use a new --workdir, or set those values back to resume it (a dataset moved to '
           'another data_dir: edit data.data_dir in the workdir\'s config.json)')

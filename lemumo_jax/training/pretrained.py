@@ -8,12 +8,12 @@ run (Waymo -> FLIR) uses the same architecture the row names, or fails saying wh
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import ml_collections
 
+from lemumo_jax import files
 from lemumo_jax.training import state as state_lib
 
 
@@ -26,10 +26,6 @@ def resolve_dir(value: str | None, key: str, workdir: str) -> str:
   return os.path.abspath(value) if value else state_lib.encoder_dir(workdir)
 
 
-def _as_json(tree: Any) -> Any:
-  return json.loads(json.dumps(tree, default=list))  # tuples -> lists, as exported
-
-
 # Keys that choose how the encoder computes, not what it is: the exported encoder keeps its own
 # (a bf16-pretrained encoder probed in a float32 config runs in bf16; both layer-0 kernels are
 # tested equal), so they may differ without error.
@@ -40,7 +36,7 @@ def model_mismatches(exported: dict[str, Any],
                      model_cfg: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """{key: (exported value, config.model value)} over the architecture keys both configs have
   (COMPUTE_ONLY_KEYS are not compared)."""
-  current = _as_json(model_cfg.to_dict())
+  current = files.as_json(model_cfg)
   keys = (set(exported) & set(current)) - COMPUTE_ONLY_KEYS
   return {k: (exported[k], current[k]) for k in sorted(keys) if exported[k] != current[k]}
 

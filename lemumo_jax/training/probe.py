@@ -342,8 +342,7 @@ def run_robustness(names: tuple[str, ...], encoder_cfg, companion: str,
 # what the heads train on (the best validation is chosen by loss, which these leave alone).
 RESUMABLE = ('probe.log_every', 'probe.checkpoint_every', 'probe.num_figure_frames',
              'probe.robustness', 'probe.cache_features', 'probe.cache_max_gib',
-             'probe.max_detections', 'probe.score_threshold', 'data.num_threads',
-             'data.prefetch', 'data.num_workers')
+             'probe.max_detections', 'probe.score_threshold', *loop.LOADER_KEYS)
 
 
 def encoder_identity(config: ml_collections.ConfigDict, workdir: str,

@@ -118,14 +118,6 @@ def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
   return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
 
 
-def checkpoint_manager(workdir: str, train_cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      save_interval_steps=train_cfg.checkpoint_every, max_to_keep=train_cfg.keep_checkpoints,
-      create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
-
-
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
   """The latest checkpointed state with the shardings of `abstract_state`, or None."""
   step = manager.latest_step()
