@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict({
-      'name': 'arrayrecord',      # 'arrayrecord' (data_prep output) or 'synthetic'
+      'name': 'tfds',             # 'tfds' (a dataset built by data_prep/) or 'synthetic'
       'data_dir': '',
       'image_size': (320, 480),   # frames are resized to this on the host (H, W)
       'companion': 'depth',       # 'depth' or 'thermal'

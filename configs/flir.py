@@ -5,17 +5,17 @@ Table 5's three training regimes are the row argument's optional second part
 
   # Scratch: SSL on FLIR with the longer 20-epoch FLIR schedule (S1), then the frozen probes
   python -m lemumo_jax.main --config=configs/flir.py:lemumo --config.mode=pretrain_probe \
-      --config.data.data_dir=/data/flir_shards --workdir=runs/flir_lemumo
+      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0 --workdir=runs/flir_lemumo
   # Waymo -> FLIR frozen transfer: probes only (5 epochs, batch 64, lr 1e-3, 640 x 640, V = 1,
   # no local crops) on the frozen encoder a Waymo run exported
   python -m lemumo_jax.main --config=configs/flir.py:lemumo,transfer \
       --config.probe.encoder_dir=runs/waymo_lemumo/encoder \
-      --config.data.data_dir=/data/flir_shards --workdir=runs/flir_lemumo_transfer
+      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0 --workdir=runs/flir_lemumo_transfer
   # Fine-tune: that encoder + a 3-layer, 512-wide CenterNet decoder end to end (30 epochs,
   # encoder lr 2e-5, decoder lr 2e-4; config.finetune)
   python -m lemumo_jax.main --config=configs/flir.py:lemumo,finetune \
       --config.finetune.encoder_dir=runs/waymo_lemumo/encoder \
-      --config.data.data_dir=/data/flir_shards --workdir=runs/flir_lemumo_finetune
+      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0 --workdir=runs/flir_lemumo_finetune
 
 The Waymo encoder transfers as is: its companion (depth) and FLIR's (thermal) are both one
 channel. The companion is the thermal image in [0, 1]; the SSL views resample it bilinearly
@@ -28,7 +28,7 @@ from configs import common
 
 def get_config(arg=None):
   config = common.base_config()
-  config.data.update(name='arrayrecord', image_size=(512, 640), companion='thermal')
+  config.data.update(name='tfds', image_size=(512, 640), companion='thermal')
   config.views.companion_resize = 'linear'
   config.train.num_epochs = 20
   config.probe.heads = ('centernet2d', 'occupancy')

@@ -1,10 +1,9 @@
-"""Raw dataset -> ArrayRecord shards in the lemumo_jax record schema (DESIGN.md section 4).
+"""Raw dataset -> TFDS datasets (array_record) in the lemumo_jax record schema (DESIGN.md 4).
 
-  python -m data_prep.waymo     Waymo Open Dataset perception v1 TFRecords
-  python -m data_prep.nuscenes  nuScenes through nuscenes-devkit
-  python -m data_prep.flir      FLIR ADAS v2 RGB-thermal pairs
+  python -m data_prep.build waymo|nuscenes|flir --manual_dir=RAW --data_dir=OUT
 
-common.py holds the sharded, resumable driver and the metadata.json they write; depth.py
-the image-grid and depth-rendering helpers. This package imports only
-lemumo_jax.data.schema and lemumo_jax.data.geometry from the library.
+builder.py holds the TFDS builder base and its Beam pipeline; waymo.py, nuscenes.py and
+flir.py the per-frame conversion of each dataset and its builder configs; depth.py the
+image-grid and depth-rendering helpers. This package imports only lemumo_jax.data.schema and
+lemumo_jax.data.geometry from the library.
 """

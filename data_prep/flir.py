@@ -1,20 +1,20 @@
-"""Teledyne FLIR ADAS v2 (RGB + thermal) -> ArrayRecord shards.
+"""Teledyne FLIR ADAS v2 (RGB + thermal) as a TFDS dataset.
 
 Pairing. The release pairs RGB and thermal frames only in its video set: the root file
 rgb_to_thermal_vid_map.json maps each RGB frame of video_rgb_test/data/ to its time-synced
 thermal frame in video_thermal_test/data/ (3,749 pairs at 30 FPS). The images_{rgb,thermal}_
 {train,val} folders were sampled independently per spectrum (different videos and frames; no
-key in coco.json or index.json links them), so they cannot form pairs. --pair_map,
---rgb_folder and --thermal_folder take any other pairing file of the same form
+key in coco.json or index.json links them), so they cannot form pairs. The builder options
+pair_map, rgb_folder and thermal_folder take any other pairing file of the same form
 ({rgb file name: thermal file name}, both under <folder>/data/).
-Splits. --video_split keeps the pairs of train, val or all videos; a video (thermal video id
-from the file name video-<id>-frame-<n>-<hash>.jpg) goes to val when crc32(id) % 100 <
---val_percent, so whole videos stay on one side and adjacent frames never straddle the split.
+Splits. A video (thermal video id from the file name video-<id>-frame-<n>-<hash>.jpg) goes to
+val when crc32(id) % 100 < val_percent (default 20), otherwise to train, so whole videos stay
+on one side and adjacent frames never straddle the split.
 
 Shared grid. The cameras are treated as co-located and co-axial (the rig's 1.9 inch baseline,
 i.e. a few pixels of parallax at 10 m, is ignored; the release ships no calibration). From
-their fields of view (thermal Tau 2: --thermal_hfov_deg 45, --thermal_vfov_deg 37; RGB
-BlackFly: --rgb_hfov_deg 52.8 with square pixels) each image is centre-cropped to the view both
+their fields of view (thermal Tau 2: thermal_hfov_deg 45, thermal_vfov_deg 37; RGB
+BlackFly: rgb_hfov_deg 52.8 with square pixels) each image is centre-cropped to the view both
 cameras see, narrowed to the stored aspect ratio, and resized to [H, W] (default 512 x 640,
 the thermal resolution). intrinsics = the pinhole K of that shared view.
 
@@ -23,24 +23,20 @@ Per pair:
   companion     the thermal frame on the shared grid, normalised to [0, 1]: 8-bit / 255;
                 16-bit (raw) linearly between its 1st and 99th percentiles, clipped
   boxes2d       thermal coco.json boxes ([x, y, w, h] in thermal pixels) on the shared grid,
-                clipped, kept when at least --min_box_size pixels wide and high; categories
-                matched by name against --classes (= classes_2d), others dropped
+                clipped, kept when at least min_box_size pixels wide and high; categories
+                matched by name against the option classes (= classes_2d), others dropped
   depth_target  zeros; seg all 255; boxes3d empty (FLIR has no 3D labels or segmentation)
   meta          scene = thermal video id, frame = its frame number (also the timestamp: the
                 release has no capture times)
 Work unit = one pair; a pair whose image is missing or undecodable is skipped and reported.
 
-  python -m data_prep.flir --input_dir=/data/FLIR_ADAS_v2 --video_split=train --split=train \
-      --output_dir=/data/prepared/flir
-  python -m data_prep.flir --input_dir=/data/FLIR_ADAS_v2 --video_split=val --split=val \
-      --output_dir=/data/prepared/flir
+  python -m data_prep.build flir --manual_dir=/data/FLIR_ADAS_v2 --data_dir=/data/tfds
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -48,16 +44,13 @@ import os
 import re
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
-from absl import app
-from absl import flags
 from absl import logging
 from PIL import Image
 from pycocotools.coco import COCO
 
-from data_prep import common
+from data_prep import builder
 from data_prep import depth
 from lemumo_jax.data import schema
 
@@ -71,12 +64,15 @@ class Options:
   rgb_folder: str = 'video_rgb_test'
   thermal_folder: str = 'video_thermal_test'
   pair_map: str = 'rgb_to_thermal_vid_map.json'
-  video_split: str = 'all'  # 'train' | 'val' | 'all'
   val_percent: int = 20
   rgb_hfov_deg: float = 52.8
   thermal_hfov_deg: float = 45.0
   thermal_vfov_deg: float = 37.0
   min_box_size: float = 1.0
+  classes: tuple[str, ...] = ()  # coco.json category names kept, in classes_2d order
+
+  def __post_init__(self):  # from JSON (builder options), lists become tuples
+    object.__setattr__(self, 'classes', tuple(self.classes or FLIR_CLASSES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +137,7 @@ def _load(path: str, mode: str | None) -> np.ndarray:
     with Image.open(path) as image:
       return np.asarray(image.convert(mode) if mode else image)
   except Exception as e:  # PIL raises several unrelated types for broken images
-    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+    raise builder.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
 
 
 class ThermalBoxes:
@@ -170,10 +166,9 @@ class ThermalBoxes:
     return boxes, np.array([self.class_of[a['category_id']] for a in kept], np.int32)
 
 
-def pair_frame(pair: Pair, stats: common.ShardStats, thermal_boxes: ThermalBoxes,
-               options: Options, config: common.RunConfig) -> Iterator[common.Frame]:
-  """The record of one RGB-thermal pair (a work unit)."""
-  del stats  # a broken pair is dropped by raising
+def pair_frame(pair: Pair, thermal_boxes: ThermalBoxes, options: Options,
+               config: builder.Config) -> Iterator[builder.Frame]:
+  """The record of one RGB-thermal pair (a work unit); a broken pair raises."""
   rgb = _load(pair.rgb_path, 'RGB')
   thermal = normalize_thermal(_load(pair.thermal_path, None))
   height, width = config.image_height, config.image_width
@@ -196,74 +191,51 @@ def pair_frame(pair: Pair, stats: common.ShardStats, thermal_boxes: ThermalBoxes
   yield record, None
 
 
-def list_pairs(input_dir: str, options: Options) -> list[common.WorkUnit]:
-  map_path = os.path.join(input_dir, options.pair_map)
+def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[builder.WorkUnit]]:
+  """{'train': pairs of train videos, 'val': pairs of val videos} (empty splits left out)."""
+  options = Options(**config.options)
+  map_path = os.path.join(manual_dir, options.pair_map)
   if not os.path.exists(map_path):
-    raise app.UsageError(f'{map_path} not found: --pair_map names the RGB -> thermal frame map')
+    raise FileNotFoundError(f'{map_path} not found: the option pair_map names the RGB -> '
+                            'thermal frame map under manual_dir')
   with open(map_path) as f:
     pair_map = json.load(f)
-  units = []
+  units: dict[str, list[builder.WorkUnit]] = {'train': [], 'val': []}
   for rgb_name, thermal_name in pair_map.items():
     video, frame = video_and_frame(thermal_name)
-    if options.video_split != 'all' and (options.video_split == 'val') != is_val_video(
-        video, options.val_percent):
-      continue
-    pair = Pair(os.path.join(input_dir, options.rgb_folder, 'data', os.path.basename(rgb_name)),
-                os.path.join(input_dir, options.thermal_folder, 'data',
+    pair = Pair(os.path.join(manual_dir, options.rgb_folder, 'data', os.path.basename(rgb_name)),
+                os.path.join(manual_dir, options.thermal_folder, 'data',
                              os.path.basename(thermal_name)), video, frame)
-    units.append(common.WorkUnit(os.path.basename(rgb_name), pair))
+    split = 'val' if is_val_video(video, options.val_percent) else 'train'
+    units[split].append(builder.WorkUnit(os.path.basename(rgb_name), pair))
+  units = {split: u for split, u in units.items() if u}
   if not units:
-    raise app.UsageError(f'{map_path}: no pairs in --video_split={options.video_split} '
-                         f'(--val_percent={options.val_percent})')
+    raise ValueError(f'{map_path} lists no pairs')
   return units
 
 
-def define_flags(fv: flags.FlagValues) -> None:
-  common.define_common_flags(fv, image_height=512, image_width=640)
-  defaults = Options()
-  flags.DEFINE_string('input_dir', None, 'FLIR_ADAS_v2 root.', flag_values=fv)
-  for name in ('rgb_folder', 'thermal_folder', 'pair_map'):
-    flags.DEFINE_string(name, getattr(defaults, name), f'See the module docstring ({name}).',
-                        flag_values=fv)
-  flags.DEFINE_enum('video_split', 'all', ['train', 'val', 'all'], 'Which videos to convert.',
-                    flag_values=fv)
-  flags.DEFINE_integer('val_percent', defaults.val_percent, 'Share of videos in val (by hash).',
-                       flag_values=fv)
-  for name in ('rgb_hfov_deg', 'thermal_hfov_deg', 'thermal_vfov_deg', 'min_box_size'):
-    flags.DEFINE_float(name, getattr(defaults, name), f'See the module docstring ({name}).',
-                       flag_values=fv)
-  flags.DEFINE_list('classes', list(FLIR_CLASSES), 'coco.json category names kept, in '
-                    'classes_2d order.', flag_values=fv)
+class Converter:
+  def __init__(self, manual_dir: str, config: builder.Config):
+    self.options = Options(**config.options)
+    self.config = config
+    self.thermal_boxes = ThermalBoxes(
+        os.path.join(manual_dir, self.options.thermal_folder, 'coco.json'), self.options.classes)
+
+  def convert(self, pair: Pair, skip: builder.Skip) -> Iterator[builder.Frame]:
+    del skip  # a broken pair is dropped whole, by raising
+    return pair_frame(pair, self.thermal_boxes, self.options, self.config)
 
 
-def run_from_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any] | None:
-  config = common.config_from_flags(fv, argv)
-  if fv.finalize:
-    metadata = common.finalize(config.output_dir, argv)
-  else:
-    if not fv.input_dir:
-      raise app.UsageError('--input_dir is required unless --finalize')
-    options = Options(fv.rgb_folder, fv.thermal_folder, fv.pair_map, fv.video_split,
-                      fv.val_percent, fv.rgb_hfov_deg, fv.thermal_hfov_deg, fv.thermal_vfov_deg,
-                      fv.min_box_size)
-    classes = tuple(fv.classes)
-    coco_path = os.path.join(fv.input_dir, options.thermal_folder, 'coco.json')
-    thermal_boxes = ThermalBoxes(coco_path, classes)
-    info = common.DatasetInfo(name='flir', companion='thermal', classes_2d=classes,
-                              seg_classes=(), sources=(os.path.abspath(fv.input_dir),),
-                              options=dataclasses.asdict(options))
-    convert = functools.partial(pair_frame, thermal_boxes=thermal_boxes, options=options,
-                                config=config)
-    metadata = common.run(list_pairs(fv.input_dir, options), convert, info, config)
-  print(common.summarize(metadata, config))
-  return metadata
+class LemumoFlir(builder.RecordBuilder):
+  """FLIR ADAS v2: manual_dir = FLIR_ADAS_v2 (rgb_to_thermal_vid_map.json, video_*_test/)."""
 
-
-def main(argv: Sequence[str]) -> dict[str, Any] | None:
-  """Runs the CLI on a full command line [program, --flag=value, ...] (in-process entry)."""
-  return run_from_flags(common.parse_flags(define_flags, argv), argv)
-
-
-if __name__ == '__main__':
-  define_flags(flags.FLAGS)
-  app.run(common.absl_main(run_from_flags))
+  DATASET = 'flir'
+  COMPANION = 'thermal'
+  CLASSES_2D = FLIR_CLASSES
+  BUILDER_CONFIGS = [
+      builder.Config(name='video_512x640', image_height=512, image_width=640,
+                     options=dataclasses.asdict(Options()),
+                     description='RGB-thermal video pairs on the shared 512 x 640 grid'),
+  ]
+  split_units = staticmethod(split_units)
+  make_converter = staticmethod(Converter)

@@ -1,14 +1,14 @@
-"""nuScenes (read through nuscenes-devkit) -> ArrayRecord shards.
+"""nuScenes (read through nuscenes-devkit) as a TFDS dataset.
 
-Input: --input_dir = the devkit's dataroot (<version>/*.json tables, samples/, maps/ and, if
+Input: manual_dir = the devkit's dataroot (<version>/*.json tables, samples/, maps/ and, if
 installed, lidarseg/<version>/*.bin). Only keyframes (the 2 Hz annotated samples) are used.
 
-Per sample and camera (--cameras, default CAM_FRONT):
+Per sample and camera (builder option cameras, default CAM_FRONT):
   rgb           the camera JPEG, centre-cropped to the stored aspect ratio and resized
                 (default 288 x 512 keeps nuScenes' 16:9 without cropping)
   companion     LIDAR_TOP keyframe sweep projected into the camera through the ego poses at
                 both sensors' timestamps: lidar -> ego(t_lidar) -> global -> ego(t_cam) ->
-                camera; points nearer than --min_depth (1 m, the devkit's own choice, drops
+                camera; points nearer than min_depth (1 m, the devkit's own choice, drops
                 returns from the ego vehicle) removed; nearest point wins; depth / 80 m
   depth_target  the same map in metres
   seg           lidarseg point labels projected the same way (sparse: 255 where no point),
@@ -23,28 +23,24 @@ Per sample and camera (--cameras, default CAM_FRONT):
   boxes2d       those boxes projected and clipped (classes_2d = CLASSES_3D)
   intrinsics    the calibrated camera_intrinsic, scaled to the stored grid
 Work unit = one scene; a sample whose LiDAR, label or image file is missing or corrupt is
-skipped and reported by file name (see data_prep/common.py for sharding and metadata.json).
+skipped and reported by file name (data_prep/builder.py).
 
-Run it as a module (`python -m`): a script named nuscenes.py would shadow the devkit.
-  python -m data_prep.nuscenes --input_dir=/data/nuscenes --version=v1.0-trainval \
-      --scene_split=train --split=train --output_dir=/data/prepared/nuscenes --num_shards=32
-  python -m data_prep.nuscenes --input_dir=/data/nuscenes --version=v1.0-trainval \
-      --scene_split=val --split=val --output_dir=/data/prepared/nuscenes --num_shards=8
+Splits (builder options version, splits): the devkit's scene splits, train = 'train' and
+val = 'val' of v1.0-trainval (config front_288x512), or 'mini_train' / 'mini_val' of
+v1.0-mini (config mini_front_288x512).
+  python -m data_prep.build nuscenes --manual_dir=/data/nuscenes --data_dir=/data/tfds
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import io
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from absl import app
-from absl import flags
 from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.eval.lidarseg.utils import LidarsegClassMapper
 from nuscenes.nuscenes import NuScenes
@@ -54,7 +50,7 @@ from nuscenes.utils.splits import create_splits_scenes
 from PIL import Image
 from pyquaternion import Quaternion
 
-from data_prep import common
+from data_prep import builder
 from data_prep import depth
 from lemumo_jax.data import geometry
 from lemumo_jax.data import schema
@@ -69,9 +65,13 @@ CYCLIST_ATTRIBUTE = 'cycle.with_rider'
 @dataclasses.dataclass(frozen=True)
 class Options:
   version: str = 'v1.0-trainval'
-  scene_split: str = 'train'
+  splits: tuple[tuple[str, str], ...] = (('train', 'train'), ('val', 'val'))
   cameras: tuple[str, ...] = ('CAM_FRONT',)
   min_depth: float = 1.0
+
+  def __post_init__(self):  # from JSON (builder options), lists become tuples
+    object.__setattr__(self, 'cameras', tuple(self.cameras))
+    object.__setattr__(self, 'splits', tuple(tuple(s) for s in self.splits))
 
 
 def box_class(category_name: str, attribute_names: Sequence[str]) -> int | None:
@@ -125,7 +125,7 @@ def load_points(path: str) -> np.ndarray:
   try:
     return LidarPointCloud.from_file(path).points[:3].T.astype(np.float64)
   except (OSError, ValueError) as e:
-    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+    raise builder.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
 
 
 def load_lidarseg(path: str, num_points: int, fine_to_seg: np.ndarray) -> np.ndarray:
@@ -133,9 +133,9 @@ def load_lidarseg(path: str, num_points: int, fine_to_seg: np.ndarray) -> np.nda
   try:
     fine = np.fromfile(path, dtype=np.uint8)
   except OSError as e:
-    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+    raise builder.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
   if fine.size != num_points:
-    raise common.CorruptInputError(path, f'{fine.size} labels for {num_points} points')
+    raise builder.CorruptInputError(path, f'{fine.size} labels for {num_points} points')
   return fine_to_seg[fine]
 
 
@@ -157,15 +157,15 @@ def _load_image(path: str) -> np.ndarray:
     with Image.open(path) as image:
       return np.asarray(image.convert('RGB'))
   except Exception as e:  # PIL raises several unrelated types for broken images
-    raise common.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+    raise builder.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
 
 
 def sample_frame(nusc, sample: dict[str, Any], index: int, camera: str, scene_name: str,
                  lidarseg_files: dict[str, str], fine_to_seg: np.ndarray | None,
-                 options: Options, config: common.RunConfig) -> common.Frame:
+                 options: Options, config: builder.Config) -> builder.Frame:
   missing = {'LIDAR_TOP', camera} - set(sample['data'])
   if missing:
-    raise common.CorruptInputError(f'sample {sample["token"]}', f'no keyframe of {missing}')
+    raise builder.CorruptInputError(f'sample {sample["token"]}', f'no keyframe of {missing}')
   lidar_sd = nusc.get('sample_data', sample['data']['LIDAR_TOP'])
   camera_sd = nusc.get('sample_data', sample['data'][camera])
   camera_path = os.path.join(nusc.dataroot, camera_sd['filename'])
@@ -212,9 +212,8 @@ def sample_frame(nusc, sample: dict[str, Any], index: int, camera: str, scene_na
   return record, source_jpeg
 
 
-def convert_scene(scene_token: str, stats: common.ShardStats, nusc, lidarseg_files,
-                  fine_to_seg, options: Options,
-                  config: common.RunConfig) -> Iterator[common.Frame]:
+def convert_scene(scene_token: str, skip: builder.Skip, nusc, lidarseg_files, fine_to_seg,
+                  options: Options, config: builder.Config) -> Iterator[builder.Frame]:
   """Keyframes of one scene (a work unit); corrupt samples are skipped one by one."""
   scene = nusc.get('scene', scene_token)
   token, index = scene['first_sample_token'], 0
@@ -224,9 +223,17 @@ def convert_scene(scene_token: str, stats: common.ShardStats, nusc, lidarseg_fil
       try:
         yield sample_frame(nusc, sample, index, camera, scene['name'], lidarseg_files,
                            fine_to_seg, options, config)
-      except common.CorruptInputError as e:
-        stats.skip(e.path, e.reason)
+      except builder.CorruptInputError as e:
+        skip(e.path, e.reason)
     token, index = sample['next'], index + 1
+
+
+def load_nuscenes(dataroot: str, version: str):
+  if not os.path.isdir(os.path.join(dataroot, version)):
+    raise FileNotFoundError(f'{os.path.join(dataroot, version)} not found: manual_dir must be '
+                            f'the nuScenes dataroot holding the {version} tables')
+  with contextlib.redirect_stdout(io.StringIO()):  # the devkit prints its loading progress
+    return NuScenes(version=version, dataroot=dataroot, verbose=False)
 
 
 def scenes_of_split(nusc, scene_split: str) -> list[dict[str, Any]]:
@@ -234,64 +241,62 @@ def scenes_of_split(nusc, scene_split: str) -> list[dict[str, Any]]:
     return list(nusc.scene)
   splits = create_splits_scenes()
   if scene_split not in splits:
-    raise app.UsageError(f'--scene_split={scene_split!r}: expected all or one of {sorted(splits)}')
+    raise ValueError(f'scene split {scene_split!r}: expected all or one of {sorted(splits)}')
   names = set(splits[scene_split])
-  scenes = [s for s in nusc.scene if s['name'] in names]
-  if not scenes:
-    raise app.UsageError(f'--scene_split={scene_split}: none of its scenes is in '
-                         f'{nusc.version} at {nusc.dataroot}')
-  return scenes
+  return [s for s in nusc.scene if s['name'] in names]
 
 
-def define_flags(fv: flags.FlagValues) -> None:
-  common.define_common_flags(fv, image_height=288, image_width=512)
-  flags.DEFINE_string('input_dir', None, 'nuScenes dataroot.', flag_values=fv)
-  flags.DEFINE_string('version', 'v1.0-trainval', 'Table version under input_dir.',
-                      flag_values=fv)
-  flags.DEFINE_string('scene_split', 'train', "Devkit scene split (train, val, test, "
-                      "mini_train, mini_val, ...) or 'all'.", flag_values=fv)
-  flags.DEFINE_list('cameras', ['CAM_FRONT'], 'Camera channels, one record each per sample.',
-                    flag_values=fv)
-  flags.DEFINE_float('min_depth', 1.0, 'Drop LiDAR points nearer than this (metres).',
-                     flag_values=fv)
+class Converter:
+  """Loads the devkit tables once per worker (Beam DoFn.setup)."""
+
+  def __init__(self, manual_dir: str, config: builder.Config):
+    self.options = Options(**config.options)
+    self.config = config
+    self.nusc = load_nuscenes(manual_dir, self.options.version)
+    self.lidarseg_files, self.fine_to_seg = {}, None
+    if getattr(self.nusc, 'lidarseg', None):
+      self.lidarseg_files = {r['sample_data_token']: r['filename'] for r in self.nusc.lidarseg}
+      self.fine_to_seg = fine_to_seg_table(self.nusc)
+
+  def convert(self, scene_token: str, skip: builder.Skip) -> Iterator[builder.Frame]:
+    return convert_scene(scene_token, skip, self.nusc, self.lidarseg_files, self.fine_to_seg,
+                         self.options, self.config)
 
 
-def run_from_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any] | None:
-  config = common.config_from_flags(fv, argv)
-  if fv.finalize:
-    metadata = common.finalize(config.output_dir, argv)
-  else:
-    if not fv.input_dir:
-      raise app.UsageError('--input_dir is required unless --finalize')
-    with contextlib.redirect_stdout(io.StringIO()):  # the devkit prints its loading progress
-      nusc = NuScenes(version=fv.version, dataroot=fv.input_dir, verbose=False)
-    channels = {s['channel'] for s in nusc.sensor if s['modality'] == 'camera'}
-    if not set(fv.cameras) <= channels:
-      raise app.UsageError(f'--cameras={fv.cameras}: cameras of {fv.version} are '
-                           f'{sorted(channels)}')
-    options = Options(fv.version, fv.scene_split, tuple(fv.cameras), fv.min_depth)
-    lidarseg_files, fine_to_seg = {}, None
-    if getattr(nusc, 'lidarseg', None):
-      lidarseg_files = {r['sample_data_token']: r['filename'] for r in nusc.lidarseg}
-      fine_to_seg = fine_to_seg_table(nusc)
-    info = common.DatasetInfo(
-        name='nuscenes', companion='depth', classes_2d=schema.CLASSES_3D,
-        seg_classes=SEG_CLASSES, sources=(os.path.abspath(fv.input_dir),),
-        options={**dataclasses.asdict(options), 'lidarseg': fine_to_seg is not None})
-    units = [common.WorkUnit(s['name'], s['token']) for s in scenes_of_split(nusc,
-                                                                             fv.scene_split)]
-    convert = functools.partial(convert_scene, nusc=nusc, lidarseg_files=lidarseg_files,
-                                fine_to_seg=fine_to_seg, options=options, config=config)
-    metadata = common.run(units, convert, info, config)
-  print(common.summarize(metadata, config))
-  return metadata
+def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[builder.WorkUnit]]:
+  options = Options(**config.options)
+  nusc = load_nuscenes(manual_dir, options.version)
+  channels = {s['channel'] for s in nusc.sensor if s['modality'] == 'camera'}
+  if not set(options.cameras) <= channels:
+    raise ValueError(f'cameras {list(options.cameras)}: the cameras of {options.version} are '
+                     f'{sorted(channels)}')
+  units = {}
+  for split, scene_split in options.splits:
+    scenes = scenes_of_split(nusc, scene_split)
+    if scenes:
+      units[split] = [builder.WorkUnit(s['name'], s['token']) for s in scenes]
+  if not units:
+    raise ValueError(f'{manual_dir}: none of the scene splits {dict(options.splits)} has a '
+                     f'scene in {options.version}')
+  return units
 
 
-def main(argv: Sequence[str]) -> dict[str, Any] | None:
-  """Runs the CLI on a full command line [program, --flag=value, ...] (in-process entry)."""
-  return run_from_flags(common.parse_flags(define_flags, argv), argv)
+def _config(name: str, version: str, splits, height: int = 288,
+            width: int = 512) -> builder.Config:
+  return builder.Config(name=name, image_height=height, image_width=width,
+                        options=dataclasses.asdict(Options(version=version, splits=splits)),
+                        description=f'CAM_FRONT of {version} at {height} x {width}')
 
 
-if __name__ == '__main__':
-  define_flags(flags.FLAGS)
-  app.run(common.absl_main(run_from_flags))
+class LemumoNuscenes(builder.RecordBuilder):
+  """nuScenes: manual_dir = the devkit dataroot (<version>/*.json, samples/, lidarseg/)."""
+
+  DATASET = 'nuscenes'
+  COMPANION = 'depth'
+  SEG_CLASSES = SEG_CLASSES
+  BUILDER_CONFIGS = [
+      _config('front_288x512', 'v1.0-trainval', (('train', 'train'), ('val', 'val'))),
+      _config('mini_front_288x512', 'v1.0-mini', (('train', 'mini_train'), ('val', 'mini_val'))),
+  ]
+  split_units = staticmethod(split_units)
+  make_converter = staticmethod(Converter)

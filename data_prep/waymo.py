@@ -1,4 +1,4 @@
-"""Waymo Open Dataset perception v1 (TFRecord files of Frame protos) -> ArrayRecord shards.
+"""Waymo Open Dataset perception v1 (TFRecord files of Frame protos) as a TFDS dataset.
 
 Input: the v1 release's TFRecord files, one driving segment per file, one serialized
 waymo.open_dataset.Frame per record at 10 Hz. The TFRecord framing is read with
@@ -23,41 +23,39 @@ Per kept frame (every --frame_stride-th of a segment, default 5: 10 Hz -> 2 Hz) 
                 -> cyclist (TYPE_SIGN, TYPE_UNKNOWN dropped), moved into the camera frame with
                 yaw about camera y, kept when the whole box is in front of the camera and its
                 projection overlaps the image
-  boxes2d       those boxes projected with the pinhole K and clipped (classes_2d = CLASSES_3D)
+  boxes2d       the 8 vehicle-frame corners of those boxes through the full camera
+                extrinsic (roll and pitch included) and the pinhole K, clipped
+                (classes_2d = CLASSES_3D); the keep test uses the same corners
   intrinsics    the pinhole K of the stored image from the calibration's [f_u, f_v, c_u, c_v,
-                k1, k2, p1, p2, k3]; the distortion terms are ignored
-Work unit = one TFRecord file; a file that cannot be read or parsed is skipped as a whole
-and reported by name (see data_prep/common.py for sharding, resuming and metadata.json).
+                k1, k2, p1, p2, k3], the distortion terms ignored. Waymo's camera model puts
+                the left image edge at u = 0 (pixel i spans [i, i + 1)), which is already our
+                convention: c_u, c_v are used as they are
+Work unit = one TFRecord file; a file that cannot be read, is empty or does not hold Frames is
+skipped as a whole and reported by name (data_prep/builder.py).
 
-Usage (one process; or one array-job task each with --shard_index=$TASK_ID):
-  python -m data_prep.waymo --input_glob='/data/waymo/v1/training/*.tfrecord' \
-      --output_dir=/data/prepared/waymo --split=train --num_shards=64 [--shard_index=i]
-  python -m data_prep.waymo --input_glob='/data/waymo/v1/validation/*.tfrecord' \
-      --output_dir=/data/prepared/waymo --split=val --num_shards=16
-  python -m data_prep.waymo --output_dir=/data/prepared/waymo --finalize
+Splits (builder option `splits`): train = <manual_dir>/training/*.tfrecord, val =
+<manual_dir>/validation/*.tfrecord (the v1 release's folders).
+  python -m data_prep.build waymo --manual_dir=/data/waymo/v1 --data_dir=/data/tfds
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import io
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from absl import app
-from absl import flags
 from google.protobuf.message import DecodeError
 from PIL import Image
 from waymo_open_dataset import dataset_pb2
 from waymo_open_dataset import label_pb2
 from waymo_open_dataset.protos import camera_segmentation_pb2
 
-from data_prep import common
+from data_prep import builder
 from data_prep import depth
 from lemumo_jax.data import geometry
 from lemumo_jax.data import schema
@@ -82,6 +80,16 @@ class Options:
   cameras: tuple[str, ...] = ('FRONT',)
   frame_stride: int = 5
   projection: str = 'auto'  # 'auto': Waymo's camera projections where present; 'pinhole'
+  splits: tuple[tuple[str, str], ...] = (('train', 'training/*.tfrecord'),
+                                         ('val', 'validation/*.tfrecord'))
+
+  def __post_init__(self):  # from JSON (builder options), lists become tuples
+    object.__setattr__(self, 'cameras', tuple(self.cameras))
+    object.__setattr__(self, 'splits', tuple(tuple(s) for s in self.splits))
+    if self.projection not in ('auto', 'pinhole'):
+      raise ValueError(f"projection must be 'auto' or 'pinhole', got {self.projection!r}")
+    if self.frame_stride < 1:
+      raise ValueError(f'frame_stride must be >= 1, got {self.frame_stride}')
 
 
 def _tensorflow():
@@ -102,13 +110,13 @@ def read_frames(path: str, stride: int) -> Iterator[tuple[int, bytes]]:
       if index % stride == 0:
         yield index, raw
   except tf.errors.OpError as e:
-    raise common.CorruptInputError(path, f'{type(e).__name__}: {e.message}') from e
+    raise builder.CorruptInputError(path, f'{type(e).__name__}: {e.message}') from e
 
 
 def _transform(proto: dataset_pb2.Transform, path: str, what: str) -> np.ndarray:
   values = np.asarray(proto.transform, np.float64)
   if values.size != 16:
-    raise common.CorruptInputError(path, f'{what} has {values.size} values, expected 16')
+    raise builder.CorruptInputError(path, f'{what} has {values.size} values, expected 16')
   return values.reshape(4, 4)
 
 
@@ -117,11 +125,11 @@ def _decompress(blob: bytes, message_cls, path: str, what: str) -> np.ndarray:
   try:
     message = message_cls.FromString(zlib.decompress(blob))
   except (zlib.error, DecodeError) as e:
-    raise common.CorruptInputError(path, f'{what}: {type(e).__name__}: {e}') from e
+    raise builder.CorruptInputError(path, f'{what}: {type(e).__name__}: {e}') from e
   dims = tuple(message.shape.dims)
   data = np.asarray(message.data)
   if data.size != int(np.prod(dims)):
-    raise common.CorruptInputError(path, f'{what}: {data.size} values for shape {dims}')
+    raise builder.CorruptInputError(path, f'{what}: {data.size} values for shape {dims}')
   return data.reshape(dims)
 
 
@@ -197,7 +205,7 @@ def lidar_returns(frame: dataset_pb2.Frame, calibrations: dict[int, Any],
       continue
     laser_name = dataset_pb2.LaserName.Name.Name(laser.name)
     if laser.name not in calibrations:
-      raise common.CorruptInputError(path, f'frame has no calibration for laser {laser_name}')
+      raise builder.CorruptInputError(path, f'frame has no calibration for laser {laser_name}')
     calibration = calibrations[laser.name]
     image = _decompress(ri.range_image_compressed, dataset_pb2.MatrixFloat, path,
                         f'{laser_name} range image')
@@ -208,7 +216,7 @@ def lidar_returns(frame: dataset_pb2.Frame, calibrations: dict[int, Any],
                                f'{laser_name} range image pose')
     inclinations = beam_inclinations(calibration, range_m.shape[0])
     if inclinations.size != range_m.shape[0]:
-      raise common.CorruptInputError(path, f'{laser_name}: {inclinations.size} beam '
+      raise builder.CorruptInputError(path, f'{laser_name}: {inclinations.size} beam '
                                      f'inclinations for a range image of {range_m.shape[0]} rows')
     xyz = range_image_to_points(range_m, _transform(calibration.extrinsic, path, 'extrinsic'),
                                 inclinations, pixel_pose, frame_pose)
@@ -235,10 +243,11 @@ def camera_from_vehicle(calibration: dataset_pb2.CameraCalibration, path: str) -
 
 
 def camera_intrinsics(calibration: dataset_pb2.CameraCalibration, path: str) -> np.ndarray:
-  """[3, 3] pinhole K (OpenCV pixel convention) from [f_u, f_v, c_u, c_v, distortion...]."""
+  """[3, 3] pinhole K from [f_u, f_v, c_u, c_v, distortion...]; Waymo's pixel coordinates put
+  the left image edge at 0, as ours do (no half-pixel shift)."""
   values = list(calibration.intrinsic)
   if len(values) < 4:
-    raise common.CorruptInputError(path, f'camera intrinsic has {len(values)} values')
+    raise builder.CorruptInputError(path, f'camera intrinsic has {len(values)} values')
   f_u, f_v, c_u, c_v = values[:4]
   return np.array([[f_u, 0, c_u], [0, f_v, c_v], [0, 0, 1]], np.float64)
 
@@ -246,8 +255,9 @@ def camera_intrinsics(calibration: dataset_pb2.CameraCalibration, path: str) -> 
 def vehicle_boxes_to_camera(boxes: np.ndarray, cam_from_vehicle: np.ndarray) -> np.ndarray:
   """[K, 7] (x, y, z, length, width, height, heading about vehicle z) -> schema boxes [K, 7].
 
-  Yaw is the heading direction's angle in the camera x-z plane (rotation about camera y);
-  the camera's small roll/pitch relative to the ground is not carried into the box.
+  Yaw is the heading direction's angle in the camera x-z plane (rotation about camera y): the
+  schema's boxes have no roll or pitch, so the camera's small tilt is not carried into them.
+  2D boxes come from `vehicle_box_corners` instead, which keeps the tilt.
   """
   boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
   centers = geometry.transform_points(cam_from_vehicle, boxes[:, :3])
@@ -255,6 +265,20 @@ def vehicle_boxes_to_camera(boxes: np.ndarray, cam_from_vehicle: np.ndarray) -> 
   direction = heading @ cam_from_vehicle[:3, :3].T
   yaw = np.arctan2(-direction[:, 2], direction[:, 0])
   return np.concatenate([centers, boxes[:, 3:6], yaw[:, None]], -1)
+
+
+def vehicle_box_corners(boxes: np.ndarray, cam_from_vehicle: np.ndarray) -> np.ndarray:
+  """[K, 8, 3] corners of vehicle-frame boxes [K, 7] (heading about vehicle z) in our camera
+  frame, through the full extrinsic (the camera's roll and pitch included)."""
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
+  signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]) / 2.0
+  local = signs[None] * boxes[:, None, 3:6]  # length along x, width along y, height along z
+  cos, sin = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
+  zeros, ones = np.zeros_like(cos), np.ones_like(cos)
+  rotation = np.stack([np.stack([cos, -sin, zeros], -1), np.stack([sin, cos, zeros], -1),
+                       np.stack([zeros, zeros, ones], -1)], -2)
+  corners = np.einsum('kij,kcj->kci', rotation, local) + boxes[:, None, :3]
+  return geometry.transform_points(cam_from_vehicle, corners.reshape(-1, 3)).reshape(-1, 8, 3)
 
 
 def laser_boxes(frame: dataset_pb2.Frame) -> tuple[np.ndarray, np.ndarray]:
@@ -273,7 +297,7 @@ def _decode_image(data: bytes, path: str, what: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
       return np.asarray(image)
   except Exception as e:  # PIL raises several unrelated types for broken images
-    raise common.CorruptInputError(path, f'{what}: {type(e).__name__}: {e}') from e
+    raise builder.CorruptInputError(path, f'{what}: {type(e).__name__}: {e}') from e
 
 
 def camera_segmentation(image: dataset_pb2.CameraImage, grid: depth.GridTransform,
@@ -282,32 +306,31 @@ def camera_segmentation(image: dataset_pb2.CameraImage, grid: depth.GridTransfor
   if not label.panoptic_label:
     return np.full((grid.height, grid.width), schema.IGNORE_LABEL, np.uint8)
   if label.panoptic_label_divisor <= 0:
-    raise common.CorruptInputError(path, 'camera segmentation has no panoptic_label_divisor')
+    raise builder.CorruptInputError(path, 'camera segmentation has no panoptic_label_divisor')
   semantic = _decode_image(label.panoptic_label, path, 'panoptic label').astype(np.int64)
   semantic //= label.panoptic_label_divisor
   known = (semantic >= 1) & (semantic <= len(SEG_CLASSES))
   source = np.where(known, semantic - 1, schema.IGNORE_LABEL).astype(np.uint8)
   if source.shape != (grid.src_height, grid.src_width):
-    raise common.CorruptInputError(path, f'panoptic label shape {source.shape} != image shape '
+    raise builder.CorruptInputError(path, f'panoptic label shape {source.shape} != image shape '
                                    f'{(grid.src_height, grid.src_width)}')
   return grid.labels(source)
 
 
 def camera_frame(frame: dataset_pb2.Frame, frame_index: int, image: dataset_pb2.CameraImage,
                  calibration: dataset_pb2.CameraCalibration, lidar: LidarReturns,
-                 options: Options, config: common.RunConfig, path: str) -> common.Frame:
+                 options: Options, config: builder.Config, path: str) -> builder.Frame:
   """One record: a camera image of a frame with its depth map, labels and boxes."""
   camera = dataset_pb2.CameraName.Name.Name(image.name)
   rgb = _decode_image(image.image, path, f'frame {frame_index} {camera} image')
   if rgb.ndim != 3 or rgb.shape[2] != 3:
-    raise common.CorruptInputError(path, f'{camera} image has shape {rgb.shape}')
+    raise builder.CorruptInputError(path, f'{camera} image has shape {rgb.shape}')
   if (calibration.height, calibration.width) != rgb.shape[:2]:
-    raise common.CorruptInputError(path, f'{camera} image {rgb.shape[:2]} != calibration '
+    raise builder.CorruptInputError(path, f'{camera} image {rgb.shape[:2]} != calibration '
                                    f'{(calibration.height, calibration.width)}')
   height, width = config.image_height, config.image_width
   grid = depth.GridTransform.center_crop(rgb.shape[0], rgb.shape[1], height, width)
-  intrinsics = grid.intrinsics(depth.opencv_to_grid_intrinsics(
-      camera_intrinsics(calibration, path)))
+  intrinsics = grid.intrinsics(camera_intrinsics(calibration, path))
   cam_from_vehicle = camera_from_vehicle(calibration, path)
 
   points_cam = geometry.transform_points(cam_from_vehicle, lidar.points)
@@ -325,7 +348,8 @@ def camera_frame(frame: dataset_pb2.Frame, frame_index: int, image: dataset_pb2.
 
   boxes_v, classes = laser_boxes(frame)
   boxes3d = vehicle_boxes_to_camera(boxes_v, cam_from_vehicle)
-  boxes2d, keep = geometry.boxes3d_to_2d(boxes3d, intrinsics, height, width)
+  boxes2d, keep = geometry.corners_to_2d(vehicle_box_corners(boxes_v, cam_from_vehicle),
+                                         intrinsics, height, width)
   record = {
       'rgb': grid.rgb(rgb),
       'companion': companion,
@@ -342,18 +366,25 @@ def camera_frame(frame: dataset_pb2.Frame, frame_index: int, image: dataset_pb2.
   return record, (image.image if grid.is_identity else None)
 
 
-def convert_segment(path: str, stats: common.ShardStats, options: Options,
-                    config: common.RunConfig) -> Iterator[common.Frame]:
-  """Frames of one TFRecord file (a work unit)."""
-  del stats  # a corrupt file is dropped whole, by raising
+def convert_segment(path: str, options: Options,
+                    config: builder.Config) -> Iterator[builder.Frame]:
+  """Frames of one TFRecord file (a work unit); raises CorruptInputError to drop it whole."""
   camera_ids = [dataset_pb2.CameraName.Name.Value(name) for name in options.cameras]
   camera_calibrations: dict[int, Any] = {}
   laser_calibrations: dict[int, Any] = {}
+  num_records = 0
   for index, raw in read_frames(path, options.frame_stride):
+    num_records += 1
     try:
       frame = dataset_pb2.Frame.FromString(raw)
     except DecodeError as e:
-      raise common.CorruptInputError(path, f'record {index}: not a Frame proto: {e}') from e
+      raise builder.CorruptInputError(path, f'record {index} is not a Waymo Frame proto ({e}); '
+                                      'is this a perception v1 segment file?') from e
+    if not frame.HasField('pose') or not frame.context.name:
+      # Protobuf parses many byte strings as some message; a real Frame has both.
+      raise builder.CorruptInputError(
+          path, f'record {index} is not a Waymo Frame (no vehicle pose, no context name); '
+          'is this a perception v1 segment file?')
     # Every v1 frame repeats the segment's calibrations; keep the last ones seen regardless.
     camera_calibrations.update({c.name: c for c in frame.context.camera_calibrations})
     laser_calibrations.update({c.name: c for c in frame.context.laser_calibrations})
@@ -361,53 +392,66 @@ def convert_segment(path: str, stats: common.ShardStats, options: Options,
     images = {image.name: image for image in frame.images}
     for camera_id, camera in zip(camera_ids, options.cameras):
       if camera_id not in images or camera_id not in camera_calibrations:
-        raise common.CorruptInputError(path, f'frame {index} has no {camera} image/calibration')
+        have = sorted(dataset_pb2.CameraName.Name.Name(i) for i in images)
+        what = 'image' if camera_id not in images else 'calibration'
+        raise builder.CorruptInputError(
+            path, f'frame {index} has no {camera} {what} (its images: {have}); the builder '
+            f'option cameras={list(options.cameras)} asks for it')
       yield camera_frame(frame, index, images[camera_id], camera_calibrations[camera_id], lidar,
                          options, config, path)
+  if num_records == 0:
+    raise builder.CorruptInputError(path, 'no records: an empty TFRecord file')
 
 
-def define_flags(fv: flags.FlagValues) -> None:
-  common.define_common_flags(fv, image_height=320, image_width=480)
-  flags.DEFINE_list('input_glob', None, 'Glob(s) of Waymo v1 .tfrecord segment files.',
-                    flag_values=fv)
-  flags.DEFINE_list('cameras', ['FRONT'], 'Camera names (dataset_pb2.CameraName), one record '
-                    'each per kept frame.', flag_values=fv)
-  flags.DEFINE_integer('frame_stride', 5, 'Keep every n-th frame of a segment (10 Hz / 5 = '
-                       '2 Hz).', flag_values=fv)
-  flags.DEFINE_enum('projection', 'auto', ['auto', 'pinhole'], 'Where LiDAR returns land in the '
-                    "image: Waymo's camera projections when present, or always pinhole.",
-                    flag_values=fv)
+class Converter:
+  def __init__(self, config: builder.Config):
+    self.config = config
+    self.options = Options(**config.options)
+
+  def convert(self, path: str, skip: builder.Skip) -> Iterator[builder.Frame]:
+    del skip  # a corrupt file is dropped whole, by raising
+    return convert_segment(path, self.options, self.config)
 
 
-def run_from_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict[str, Any] | None:
-  config = common.config_from_flags(fv, argv)
-  if fv.finalize:
-    metadata = common.finalize(config.output_dir, argv)
-  else:
-    if not fv.input_glob:
-      raise app.UsageError('--input_glob is required unless --finalize')
-    for name in fv.cameras:
-      if name not in dataset_pb2.CameraName.Name.keys() or name == 'UNKNOWN':
-        raise app.UsageError(f'--cameras: unknown camera {name!r}')
-    files = sorted({os.path.abspath(p) for pattern in fv.input_glob for p in glob.glob(pattern)})
-    if not files:
-      raise app.UsageError(f'--input_glob={",".join(fv.input_glob)} matches no files')
-    options = Options(tuple(fv.cameras), fv.frame_stride, fv.projection)
-    info = common.DatasetInfo(
-        name='waymo', companion='depth', classes_2d=schema.CLASSES_3D, seg_classes=SEG_CLASSES,
-        sources=tuple(fv.input_glob), options=dataclasses.asdict(options))
-    units = [common.WorkUnit(path, path) for path in files]
-    convert = functools.partial(convert_segment, options=options, config=config)
-    metadata = common.run(units, convert, info, config)
-  print(common.summarize(metadata, config))
-  return metadata
+def make_converter(manual_dir: str, config: builder.Config) -> Converter:
+  del manual_dir  # the units carry their paths
+  return Converter(config)
 
 
-def main(argv: Sequence[str]) -> dict[str, Any] | None:
-  """Runs the CLI on a full command line [program, --flag=value, ...] (in-process entry)."""
-  return run_from_flags(common.parse_flags(define_flags, argv), argv)
+def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[builder.WorkUnit]]:
+  """{split: one unit per TFRecord file matched by the split's glob under manual_dir}."""
+  options = Options(**config.options)
+  for name in options.cameras:
+    if name not in dataset_pb2.CameraName.Name.keys() or name == 'UNKNOWN':
+      raise ValueError(f'cameras: unknown Waymo camera {name!r} (dataset_pb2.CameraName)')
+  files: dict[str, set[str]] = {}
+  for split, pattern in options.splits:  # a split may be given several globs
+    files.setdefault(split, set()).update(glob.glob(os.path.join(manual_dir, pattern)))
+  units = {split: [builder.WorkUnit(os.path.basename(p), p) for p in sorted(paths)]
+           for split, paths in files.items() if paths}
+  if not units:
+    raise FileNotFoundError(f'{manual_dir}: no file matches the splits {dict(options.splits)}; '
+                            'manual_dir must hold the v1 release folders (training/, '
+                            'validation/ of *.tfrecord segment files)')
+  return units
 
 
-if __name__ == '__main__':
-  define_flags(flags.FLAGS)
-  app.run(common.absl_main(run_from_flags))
+def _config(name: str, cameras: tuple[str, ...], height: int, width: int) -> builder.Config:
+  return builder.Config(name=name, image_height=height, image_width=width,
+                        options=dataclasses.asdict(Options(cameras=cameras)),
+                        description=f'{", ".join(cameras)} at {height} x {width}')
+
+
+class LemumoWaymo(builder.RecordBuilder):
+  """Waymo Open Dataset perception v1: <manual_dir>/{training,validation}/*.tfrecord."""
+
+  DATASET = 'waymo'
+  COMPANION = 'depth'
+  SEG_CLASSES = SEG_CLASSES
+  BUILDER_CONFIGS = [
+      _config('front_320x480', ('FRONT',), 320, 480),
+      _config('all_cameras_320x480', ('FRONT', 'FRONT_LEFT', 'FRONT_RIGHT', 'SIDE_LEFT',
+                                      'SIDE_RIGHT'), 320, 480),
+  ]
+  split_units = staticmethod(split_units)
+  make_converter = staticmethod(make_converter)

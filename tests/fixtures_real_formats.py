@@ -93,9 +93,11 @@ def waymo_expected_point(row: int, column: int, range_m: float, extrinsic: np.nd
   return extrinsic[:3, :3] @ local + extrinsic[:3, 3]
 
 
-def waymo_pixel(point_vehicle: np.ndarray) -> tuple[float, float, float]:
-  """(u, v, depth) of a vehicle-frame point in the FRONT camera, OpenCV pixel convention."""
-  x, y, z = np.linalg.inv(WAYMO_CAMERA_EXTRINSIC)[:3] @ np.append(point_vehicle, 1.0)
+def waymo_pixel(point_vehicle: np.ndarray,
+                extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC) -> tuple[float, float, float]:
+  """(u, v, depth) of a vehicle-frame point in the FRONT camera (distortion-free), in Waymo's
+  pixel coordinates: the left image edge is u = 0, pixel i spans [i, i + 1)."""
+  x, y, z = np.linalg.inv(extrinsic)[:3] @ np.append(point_vehicle, 1.0)
   f_u, f_v, c_u, c_v = WAYMO_INTRINSIC[:4]
   return f_u * (-y / x) + c_u, f_v * (-z / x) + c_v, x
 
@@ -158,7 +160,7 @@ def _camera_projections(shape, returns, extrinsic, inclinations, camera_id: int,
     u, v, depth = waymo_pixel(point)
     if depth <= 0 or not (0 <= u < w - 0.5 and 0 <= v < h - 0.5):
       continue
-    pixel = (camera_id, int(round(u)), int(round(v)))
+    pixel = (camera_id, int(np.floor(u)), int(np.floor(v)))  # the pixel the point falls in
     if use_second_slot and i == 0:
       cp[row, col] = (4, 3, 3, *pixel)  # also seen by SIDE_LEFT (first slot)
     else:
@@ -166,9 +168,27 @@ def _camera_projections(shape, returns, extrinsic, inclinations, camera_id: int,
   return cp
 
 
+def waymo_box_corners(center, length, width, height, heading) -> np.ndarray:
+  """[8, 3] vehicle-frame corners of a Waymo label box."""
+  signs = np.array([[a, b, c] for a in (-.5, .5) for b in (-.5, .5) for c in (-.5, .5)])
+  return signs * [length, width, height] @ _rz(heading).T + np.asarray(center)
+
+
+def waymo_projected_box(label, extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC):
+  """(center_x, center_y, length, width) of a label's 2D box as Waymo projects it: the
+  bounds of its 8 projected corners in Waymo's pixel coordinates (distortion-free here)."""
+  _, center, length, width, height, heading = label
+  uv = np.array([waymo_pixel(c, extrinsic)[:2] for c in
+                 waymo_box_corners(center, length, width, height, heading)])
+  (u1, v1), (u2, v2) = uv.min(0), uv.max(0)
+  return (u1 + u2) / 2, (v1 + v2) / 2, u2 - u1, v2 - v1
+
+
 def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_projections=True,
-                pixel_pose_jitter: float = 0.0, with_segmentation: bool = True):
-  """One Frame proto of the fixture scene (identical geometry in every frame)."""
+                pixel_pose_jitter: float = 0.0, with_segmentation: bool = True,
+                camera_extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC, with_lidar: bool = True):
+  """One Frame proto of the fixture scene (identical geometry in every frame). Its FRONT
+  image carries Waymo-style projected_lidar_labels of the vehicle and the pedestrian."""
   dataset_pb2, label_pb2 = _waymo_pb2()
   frame = dataset_pb2.Frame()
   frame.context.name = context_name
@@ -178,7 +198,7 @@ def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_pro
   camera = frame.context.camera_calibrations.add()
   camera.name = dataset_pb2.CameraName.FRONT
   camera.intrinsic.extend(WAYMO_INTRINSIC)
-  camera.extrinsic.transform.extend(WAYMO_CAMERA_EXTRINSIC.reshape(-1).tolist())
+  camera.extrinsic.transform.extend(np.asarray(camera_extrinsic).reshape(-1).tolist())
   camera.height, camera.width = WAYMO_IMAGE_HW
   camera.rolling_shutter_direction = dataset_pb2.CameraCalibration.LEFT_TO_RIGHT
 
@@ -200,8 +220,17 @@ def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_pro
     image.camera_segmentation_label.panoptic_label_divisor = WAYMO_SEG_DIVISOR
     image.camera_segmentation_label.panoptic_label = _panoptic_png()
 
+  projected = frame.projected_lidar_labels.add()
+  projected.name = dataset_pb2.CameraName.FRONT
+  for label_tuple in WAYMO_LABELS[:2]:
+    center_x, center_y, length, width = waymo_projected_box(label_tuple, camera_extrinsic)
+    label = projected.labels.add()
+    label.type = label_pb2.Label.Type.Value(label_tuple[0])
+    label.box.center_x, label.box.center_y = center_x, center_y
+    label.box.length, label.box.width = length, width
+
   rng = np.random.default_rng(index)
-  for name, shape, returns, extrinsic in [
+  for name, shape, returns, extrinsic in [] if not with_lidar else [
       ('TOP', WAYMO_TOP_SHAPE, WAYMO_TOP_RETURNS, WAYMO_TOP_EXTRINSIC),
       ('FRONT', WAYMO_FRONT_SHAPE, WAYMO_FRONT_RETURNS, WAYMO_FRONT_EXTRINSIC)]:
     laser = frame.lasers.add()
@@ -246,18 +275,29 @@ def write_waymo_segment(path: str, num_frames: int, **frame_kwargs) -> str:
 # Reading the converters' output back
 
 
-def read_split(output_dir: str, split: str) -> list[dict]:
-  """Every record of a finished split, decoded and validated by schema.decode, shard order."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from lemumo_jax.data import schema  # pylint: disable=g-import-not-at-top
-  metadata = schema.read_metadata(output_dir)
-  records = []
-  for name in metadata['shard_files'][split]:
-    reader = array_record_module.ArrayRecordReader(os.path.join(output_dir, name))
-    records += [schema.decode(blob, f'{name}[{i}]') for i, blob in enumerate(reader.read_all())]
-    reader.close()
-  assert len(records) == metadata['splits'][split], (len(records), metadata['splits'])
-  return records
+def build(builder_cls, manual_dir, data_dir, height: int, width: int, *, rgb_format='png',
+          skip_without_companion=False, pipeline_options='', overwrite=False, **options):
+  """Builds the dataset with the first config of builder_cls at [height, width] and the given
+  converter options (data_prep.builder.build, the CLI's own entry)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from data_prep import builder  # pylint: disable=g-import-not-at-top
+  base = builder_cls.BUILDER_CONFIGS[0]
+  config = dataclasses.replace(base, name=f'test_{height}x{width}', image_height=height,
+                               image_width=width, rgb_format=rgb_format,
+                               skip_without_companion=skip_without_companion,
+                               options={**base.options, **options})
+  return builder.build(builder_cls, manual_dir=str(manual_dir), data_dir=str(data_dir),
+                       config=config, pipeline_options=pipeline_options, overwrite=overwrite)
+
+
+def read_split(built, split: str) -> list[dict]:
+  """Every record of a built split through the training reader (sources.TfdsSource), sorted
+  by (scene, frame, camera)."""
+  from lemumo_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.TfdsSource(os.fspath(built.data_path), split)
+  records = [source[i] for i in range(len(source))]
+  return sorted(records, key=lambda r: (r['meta']['scene'], r['meta']['frame'],
+                                        r['meta']['camera']))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from lemumo_jax.data import schema
 H, W = 32, 40  # the stored grid keeps the thermal camera's 5:4
 
 
-def _convert(root, output_dir, *extra):
-  return flir.main(['flir', f'--input_dir={root}', f'--output_dir={output_dir}',
-                    f'--image_height={H}', f'--image_width={W}', '--rgb_format=png', *extra])
+def _build(root, data_dir, val_percent=0, **kwargs):
+  return fx.build(flir.LemumoFlir, root, data_dir, H, W, val_percent=val_percent, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -27,9 +26,8 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def converted(root, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('flir_out'))
-  metadata = _convert(root, out)
-  return metadata, fx.read_split(out, 'train')
+  built = _build(root, tmp_path_factory.mktemp('flir_out'))
+  return built, fx.read_split(built, 'train')
 
 
 def _shared_intrinsics():
@@ -51,8 +49,9 @@ def _centroid(image):
 
 
 def test_pairs_metadata_and_fields(converted):
-  metadata, records = converted
-  assert metadata['splits'] == {'train': 6}
+  built, records = converted
+  metadata = built.info.metadata
+  assert {k: v.num_examples for k, v in built.info.splits.items()} == {'train': 6}
   assert metadata['companion'] == 'thermal' and metadata['dataset'] == 'flir'
   assert metadata['classes_2d'] == list(flir.FLIR_CLASSES) and metadata['seg_classes'] == []
   assert metadata['image_size'] == [H, W]
@@ -95,8 +94,7 @@ def test_thermal_boxes_move_with_the_grid(converted):
 
 def test_sixteen_bit_thermal_is_stretched_to_unit_range(tmp_path):
   root = fx.write_flir(str(tmp_path / 'raw'), thermal_16bit=True)
-  _convert(root, str(tmp_path / 'out'), '--max_frames=1')
-  (record,) = fx.read_split(str(tmp_path / 'out'), 'train')
+  record = fx.read_split(_build(root, tmp_path / 'out'), 'train')[0]
   thermal = record['companion']
   assert thermal[-1, 0] == pytest.approx(0.0, abs=1e-6)  # background = 1st percentile
   assert thermal.max() > 0.8
@@ -105,17 +103,16 @@ def test_sixteen_bit_thermal_is_stretched_to_unit_range(tmp_path):
 
 
 def test_video_split_keeps_whole_videos(root, tmp_path):
-  out = str(tmp_path / 'out')
-  _convert(root, out, '--video_split=train', '--split=train', '--val_percent=50')
-  metadata = _convert(root, out, '--video_split=val', '--split=val', '--val_percent=50')
+  built = _build(root, tmp_path / 'out', val_percent=50)
   val_videos = {t for t, _ in fx.FLIR_VIDEOS if zlib.crc32(t.encode()) % 100 < 50}
   assert 0 < len(val_videos) < len(fx.FLIR_VIDEOS)
-  assert {r['meta']['scene'] for r in fx.read_split(out, 'val')} == val_videos
-  assert not {r['meta']['scene'] for r in fx.read_split(out, 'train')} & val_videos
-  assert metadata['splits'] == {'train': 2 * (3 - len(val_videos)), 'val': 2 * len(val_videos)}
+  assert {r['meta']['scene'] for r in fx.read_split(built, 'val')} == val_videos
+  assert not {r['meta']['scene'] for r in fx.read_split(built, 'train')} & val_videos
+  assert {k: v.num_examples for k, v in built.info.splits.items()} == {
+      'train': 2 * (3 - len(val_videos)), 'val': 2 * len(val_videos)}
 
 
-def test_corrupt_pairs_sharding_and_resume(root, tmp_path):
+def test_corrupt_pairs_are_skipped_and_recorded(root, tmp_path):
   raw = str(tmp_path / 'raw')
   shutil.copytree(root, raw)
   with open(os.path.join(raw, 'rgb_to_thermal_vid_map.json')) as f:
@@ -123,21 +120,25 @@ def test_corrupt_pairs_sharding_and_resume(root, tmp_path):
   os.remove(os.path.join(raw, 'video_thermal_test', 'data', pairs[0][1]))
   with open(os.path.join(raw, 'video_rgb_test', 'data', pairs[1][0]), 'wb') as f:
     f.write(b'\xff\xd8 truncated jpeg')
-  out = str(tmp_path / 'out')
-  assert _convert(raw, out, '--num_shards=2', '--shard_index=0') is None
-  metadata = _convert(raw, out, '--num_shards=2', '--shard_index=1')
-  assert sorted(os.path.basename(p) for p in metadata['skipped']['train']) == sorted(
+  built = _build(raw, tmp_path / 'out')
+  assert sorted(os.path.basename(p) for p in built.info.metadata['skipped_train']) == sorted(
       [pairs[0][1], pairs[1][0]])
-  assert metadata['splits'] == {'train': 4}
-  units = []
-  for i in range(2):
-    with open(os.path.join(out, f'train-{i:05d}-of-00002.stats.json')) as f:
-      units.append(set(json.load(f)['units']))
-  assert not units[0] & units[1] and len(units[0] | units[1]) == 6
-  shard = os.path.join(out, metadata['shard_files']['train'][0])
-  before = os.stat(shard).st_mtime_ns
-  assert _convert(raw, out, '--num_shards=2')['splits'] == {'train': 4}
-  assert os.stat(shard).st_mtime_ns == before
+  assert built.info.splits['train'].num_examples == 4
+
+
+@pytest.mark.slow
+def test_multi_process_beam_build_equals_the_in_memory_one(root, tmp_path, converted):
+  """The local multi-process DirectRunner (the command a researcher runs on one big host)
+  writes the same records as the in-memory runner."""
+  built = _build(root, tmp_path / 'out', pipeline_options=(
+      'direct_running_mode=multi_processing,direct_num_workers=2'))
+  records = fx.read_split(built, 'train')
+  _, reference = converted
+  assert len(records) == len(reference) == 6
+  for ours, theirs in zip(records, reference):
+    assert ours['meta'] == theirs['meta']
+    for key in schema.FIELDS:
+      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
 def test_normalize_thermal():
@@ -149,18 +150,3 @@ def test_normalize_thermal():
   low, high = 27000 + 0.01 * 9999, 27000 + 0.99 * 9999  # 1st / 99th percentiles of a ramp
   expected = np.clip((raw.astype(np.float64) - low) / (high - low), 0, 1)
   np.testing.assert_allclose(flir.normalize_thermal(raw), expected, atol=1e-6)
-
-
-def test_shard_without_stats_is_redone_and_empty_shards_are_valid(root, tmp_path):
-  out = str(tmp_path / 'out')
-  metadata = _convert(root, out, '--num_shards=8')  # 6 pairs: two shards stay empty
-  assert metadata['splits'] == {'train': 6}
-  assert len(fx.read_split(out, 'train')) == 6
-  stats = os.path.join(out, 'train-00003-of-00008.stats.json')
-  shard = os.path.join(out, 'train-00003-of-00008.array_record')
-  os.remove(stats)  # as if the task died between writing the records and its stats
-  before = os.stat(shard).st_mtime_ns
-  assert flir.main(['flir', f'--output_dir={out}', '--finalize']) is None  # 7/8 finished
-  metadata = _convert(root, out, '--num_shards=8')
-  assert os.path.exists(stats) and os.stat(shard).st_mtime_ns != before
-  assert metadata['splits'] == {'train': 6}

@@ -1,4 +1,5 @@
-"""data_prep/nuscenes.py on a v1.0-mini-style table set loaded by nuscenes-devkit."""
+"""data_prep/nuscenes.py on a v1.0-mini-style table set loaded by nuscenes-devkit, built as a
+TFDS dataset."""
 
 import json
 import os
@@ -13,14 +14,15 @@ import fixtures_real_formats as fx
 from data_prep import nuscenes as nusc_prep
 from lemumo_jax.data import geometry
 from lemumo_jax.data import schema
+from lemumo_jax.data import sources
 
 H, W = 45, 80  # half the fixture camera's 90 x 160
 
 
-def _convert(dataroot, output_dir, *extra):
-  return nusc_prep.main(['nuscenes', f'--input_dir={dataroot}', f'--version={fx.NUSC_VERSION}',
-                         f'--output_dir={output_dir}', f'--image_height={H}',
-                         f'--image_width={W}', '--rgb_format=png', *extra])
+def _build(dataroot, data_dir, **kwargs):
+  splits = kwargs.pop('splits', [['train', 'mini_train'], ['val', 'mini_val']])
+  return fx.build(nusc_prep.LemumoNuscenes, dataroot, data_dir, H, W,
+                  version=fx.NUSC_VERSION, splits=splits, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -30,22 +32,21 @@ def dataroot(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def converted(dataroot, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('nuscenes_out'))
-  _convert(dataroot, out, '--scene_split=mini_train', '--split=train')
-  metadata = _convert(dataroot, out, '--scene_split=mini_val', '--split=val')
-  return metadata, fx.read_split(out, 'train'), fx.read_split(out, 'val')
+  built = _build(dataroot, tmp_path_factory.mktemp('nuscenes_out'))
+  return built, fx.read_split(built, 'train'), fx.read_split(built, 'val')
 
 
 def test_splits_and_metadata(converted):
-  metadata, train, val = converted
-  assert metadata['splits'] == {'train': 4, 'val': 2}  # 2 + 1 scenes of 2 samples
+  built, train, val = converted
+  metadata = built.info.metadata
+  assert {k: v.num_examples for k, v in built.info.splits.items()} == {'train': 4, 'val': 2}
   assert [(r['meta']['scene'], r['meta']['frame']) for r in train] == [
       ('scene-0061', 0), ('scene-0061', 1), ('scene-0553', 0), ('scene-0553', 1)]
   assert {r['meta']['scene'] for r in val} == {'scene-0103'}
   assert metadata['dataset'] == 'nuscenes' and metadata['image_size'] == [H, W]
   assert metadata['seg_classes'] == list(nusc_prep.SEG_CLASSES)
-  assert metadata['box_counts_3d']['train'] == {'car': 4, 'pedestrian': 4, 'cyclist': 4}
-  assert metadata['options']['val']['lidarseg'] is True
+  assert metadata['box_counts_train']['3d'] == {'car': 4, 'pedestrian': 4, 'cyclist': 4}
+  assert metadata['inputs']['units'] == {'train': 2, 'val': 1}
   assert all(r['meta']['camera'] == 'CAM_FRONT' for r in train)
 
 
@@ -92,14 +93,13 @@ def test_boxes_in_camera_frame_with_class_mapping(converted):
 
 def test_without_lidarseg_the_seg_map_is_ignore(tmp_path):
   root = fx.write_nuscenes(str(tmp_path / 'raw'), with_lidarseg=False)
-  metadata = _convert(root, str(tmp_path / 'out'), '--scene_split=mini_val', '--split=val')
-  assert metadata['options']['val']['lidarseg'] is False
-  (first, _) = fx.read_split(str(tmp_path / 'out'), 'val')
+  built = _build(root, tmp_path / 'out', splits=[['val', 'mini_val']])
+  (first, _) = fx.read_split(built, 'val')
   assert (first['seg'] == schema.IGNORE_LABEL).all()
   assert np.count_nonzero(first['depth_target']) == 3
 
 
-def test_corrupt_files_sharding_and_resume(dataroot, tmp_path):
+def test_corrupt_files_are_skipped_one_sample_at_a_time(dataroot, tmp_path):
   root = str(tmp_path / 'raw')
   shutil.copytree(dataroot, root)
   tables = os.path.join(root, fx.NUSC_VERSION)
@@ -111,37 +111,27 @@ def test_corrupt_files_sharding_and_resume(dataroot, tmp_path):
   with open(os.path.join(root, lidar[0]), 'r+b') as f:
     f.truncate(30)  # not a whole number of 5-float points
   os.remove(os.path.join(root, camera[3]))
-  out = str(tmp_path / 'out')
-  args = ['--scene_split=mini_train', '--split=train', '--num_shards=2']
-  assert _convert(root, out, *args, '--shard_index=1') is None
-  metadata = _convert(root, out, *args, '--shard_index=0')
-  assert sorted(os.path.basename(p) for p in metadata['skipped']['train']) == sorted(
+  built = _build(root, tmp_path / 'out', splits=[['train', 'mini_train']])
+  assert sorted(os.path.basename(p) for p in built.info.metadata['skipped_train']) == sorted(
       os.path.basename(p) for p in (lidar[0], camera[3]))
-  assert metadata['num_units'] == {'train': 2}
-  units = []
-  for i in range(2):
-    with open(os.path.join(out, f'train-{i:05d}-of-00002.stats.json')) as f:
-      units.append(json.load(f)['units'])
-  assert sorted(units) == [['scene-0061'], ['scene-0553']]
-  records = fx.read_split(out, 'train')  # the other sample of each scene survives
+  records = fx.read_split(built, 'train')  # the other sample of each scene survives
   assert [(r['meta']['scene'], r['meta']['frame']) for r in records] == [('scene-0061', 1),
                                                                          ('scene-0553', 0)]
-  before = [os.stat(os.path.join(out, n)).st_mtime_ns for n in metadata['shard_files']['train']]
-  _convert(root, out, *args)
-  assert before == [os.stat(os.path.join(out, n)).st_mtime_ns
-                    for n in metadata['shard_files']['train']]
 
 
 def test_cli_runs_as_a_module(dataroot, tmp_path):
   out = str(tmp_path / 'out')
+  options = json.dumps({'version': fx.NUSC_VERSION, 'splits': [['val', 'mini_val']]})
   result = subprocess.run(
-      [sys.executable, '-m', 'data_prep.nuscenes', f'--input_dir={dataroot}',
-       f'--version={fx.NUSC_VERSION}', '--scene_split=mini_val', '--split=val',
-       f'--output_dir={out}', '--image_height=18', '--image_width=32', '--max_frames=1'],
+      [sys.executable, '-m', 'data_prep.build', 'nuscenes', f'--manual_dir={dataroot}',
+       f'--data_dir={out}', '--config=mini_front_288x512', '--image_height=18',
+       '--image_width=32', f'--options={options}'],
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-      text=True, timeout=120, check=False)
+      text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert 'val: 1 records' in result.stdout
-  metadata = schema.read_metadata(out)
-  assert '--split=val' in metadata['prep_command_lines']['val'][0]
-  assert fx.read_split(out, 'val')[0]['rgb'].shape == (18, 32, 3)
+  assert 'val: 2 records in 1 shards from 1 units, 0 inputs skipped' in result.stdout
+  (path,) = [line.split(' -> ')[1] for line in result.stdout.splitlines() if ' -> ' in line]
+  assert os.path.basename(os.path.dirname(path)).startswith('mini_front_288x512_custom_')
+  assert '--image_height=18' in ' '.join(sources.tfds_builder(path).info.metadata[
+      'command_line'])
+  assert sources.TfdsSource(path, 'val')[0]['rgb'].shape == (18, 32, 3)

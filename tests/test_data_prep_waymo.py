@@ -1,9 +1,10 @@
-"""data_prep/waymo.py on real-format fixtures: TFRecord files of Frame protos."""
+"""data_prep/waymo.py on real-format fixtures: TFRecord files of Frame protos, built as a TFDS
+dataset (data_prep/builder.py) and read back through the training reader."""
 
 import io
-import json
 import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -19,23 +20,26 @@ H, W = 32, 48  # half the fixture camera's 64 x 96: one stored pixel = 2 x 2 sou
 
 
 @pytest.fixture(scope='module')
-def segments(tmp_path_factory):
+def raw(tmp_path_factory):
+  """manual_dir: three segments in training/ (only segment-0 has camera segmentation)."""
   root = tmp_path_factory.mktemp('waymo_raw')
-  return [fx.write_waymo_segment(str(root / f'segment-{i}.tfrecord'), 11,
-                                 context_name=f'segment-{i}', with_segmentation=(i == 0))
-          for i in range(3)]
+  for i in range(3):
+    fx.write_waymo_segment(str(root / 'training' / f'segment-{i}.tfrecord'), 11,
+                           context_name=f'segment-{i}', with_segmentation=(i == 0))
+  return root
 
 
-def _convert(input_glob, output_dir, *extra):
-  return waymo.main(['waymo', f'--input_glob={input_glob}', f'--output_dir={output_dir}',
-                     f'--image_height={H}', f'--image_width={W}', '--rgb_format=png', *extra])
+def _build(manual_dir, data_dir, *, files=('segment-0.tfrecord',), height=H, width=W,
+           **kwargs):
+  splits = [['train', f'training/{name}'] for name in files]
+  return fx.build(waymo.LemumoWaymo, manual_dir, data_dir, height, width, splits=splits,
+                  **kwargs)
 
 
 @pytest.fixture(scope='module')
-def converted(segments, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('waymo_out'))
-  metadata = _convert(segments[0], out)
-  return metadata, fx.read_split(out, 'train')
+def converted(raw, tmp_path_factory):
+  built = _build(raw, tmp_path_factory.mktemp('waymo_out'))
+  return built, fx.read_split(built, 'train')
 
 
 def test_range_image_points_match_the_waymo_reference():
@@ -55,15 +59,19 @@ def test_range_image_points_match_the_waymo_reference():
 
 
 def test_every_fifth_frame_is_kept_with_schema_fields(converted):
-  metadata, records = converted
+  built, records = converted
+  metadata = built.info.metadata
   assert [r['meta']['frame'] for r in records] == [0, 5, 10]
-  assert metadata['splits'] == {'train': 3}
+  assert built.info.splits['train'].num_examples == 3
   assert metadata['dataset'] == 'waymo' and metadata['companion'] == 'depth'
   assert metadata['image_size'] == [H, W]
   assert metadata['classes_3d'] == list(schema.CLASSES_3D)
   assert metadata['seg_classes'][0] == 'ego_vehicle' and len(metadata['seg_classes']) == 28
+  assert metadata['box_counts_train'] == {'3d': {'car': 3, 'pedestrian': 3},
+                                          '2d': {'car': 3, 'pedestrian': 3}}
+  assert metadata['without_companion_train'] == 0 and metadata['skipped_train'] == {}
   meta = records[1]['meta']
-  assert meta['scene'] == 'segment-0' and meta['camera'] == 'FRONT'
+  assert meta['scene'] == 'segment-0' and meta['camera'] == 'FRONT' and meta['has_companion']
   assert meta['timestamp'] == 1_550_000_000_000_000 + 500_000
   # Lossless PNG storage: the stored RGB is the JPEG-decoded source, resized by the grid rule.
   source = np.asarray(Image.open(io.BytesIO(fx.waymo_frame(0).images[0].image)).convert('RGB'))
@@ -72,14 +80,15 @@ def test_every_fifth_frame_is_kept_with_schema_fields(converted):
 
 
 def _expected_depth(points_vehicle, height, width, projected_pixels=False):
-  """{(row, col): depth} for points in the FRONT camera, computed independently."""
+  """{(row, col): depth} for points in the FRONT camera, computed independently (Waymo's
+  pixel coordinates are continuous with the image edge at 0, as ours are)."""
   expected = {}
   for point in points_vehicle:
     u, v, z = fx.waymo_pixel(point)
-    if projected_pixels:  # Waymo's integer pixel index instead of the pinhole
-      u, v = np.round(u), np.round(v)
+    if projected_pixels:  # Waymo's integer pixel index, read as that pixel's centre
+      u, v = np.floor(u) + 0.5, np.floor(v) + 0.5
     scale = height / fx.WAYMO_IMAGE_HW[0]
-    col, row = int(np.floor((u + 0.5) * scale)), int(np.floor((v + 0.5) * scale))
+    col, row = int(np.floor(u * scale)), int(np.floor(v * scale))
     if z > 0 and 0 <= col < width and 0 <= row < height:
       assert (row, col) not in expected, 'fixture points must not share a pixel'
       expected[(row, col)] = z
@@ -88,21 +97,25 @@ def _expected_depth(points_vehicle, height, width, projected_pixels=False):
 
 @pytest.mark.parametrize('projection,with_projections', [('auto', True), ('pinhole', True),
                                                       ('auto', False)])
-def test_lidar_point_lands_at_expected_pixel_and_depth(segments, tmp_path, projection,
+def test_lidar_point_lands_at_expected_pixel_and_depth(raw, tmp_path, projection,
                                                        with_projections):
-  segment = segments[0] if with_projections else fx.write_waymo_segment(
-      str(tmp_path / 'raw' / 'no-projections.tfrecord'), 1, camera_projections=False)
+  manual = raw
+  files = ('segment-0.tfrecord',)
+  if not with_projections:
+    manual = tmp_path / 'raw'
+    fx.write_waymo_segment(str(manual / 'training' / 'no-projections.tfrecord'), 1,
+                           camera_projections=False)
+    files = ('no-projections.tfrecord',)
   # A 0.75 scale, so that half-pixel convention errors move points to other pixels.
   height, width = 48, 72
-  waymo.main(['waymo', f'--input_glob={segment}', f'--output_dir={tmp_path / "out"}',
-              f'--image_height={height}', f'--image_width={width}', '--max_frames=1',
-              f'--projection={projection}'])
-  (record,) = fx.read_split(str(tmp_path / 'out'), 'train')
+  built = _build(manual, tmp_path / 'out', files=files, height=height, width=width,
+                 projection=projection)
+  record = fx.read_split(built, 'train')[0]
   top = [fx.waymo_expected_point(r, c, rng, fx.WAYMO_TOP_EXTRINSIC, fx.WAYMO_TOP_INCLINATIONS,
                                  fx.WAYMO_TOP_SHAPE[1]) for r, c, rng in fx.WAYMO_TOP_RETURNS]
   if with_projections and projection == 'auto':
-    # The fixture's TOP projections are the rounded pinhole pixels; its FRONT laser carries
-    # empty projections, i.e. none of its returns is visible in the camera.
+    # The fixture's TOP projections are the pinhole pixels; its FRONT laser carries empty
+    # projections, i.e. none of its returns is visible in the camera.
     expected = _expected_depth(top, height, width, projected_pixels=True)
   else:
     low, high = fx.WAYMO_FRONT_INCLINATION_RANGE
@@ -120,8 +133,8 @@ def test_lidar_point_lands_at_expected_pixel_and_depth(segments, tmp_path, proje
     assert companion[row, col] == pytest.approx(z / schema.R_MAX, abs=1e-6)
   f_u, f_v, c_u, c_v = fx.WAYMO_INTRINSIC[:4]
   s = 0.75
-  np.testing.assert_allclose(record['intrinsics'], [[f_u * s, 0, (c_u + 0.5) * s],
-                                                    [0, f_v * s, (c_v + 0.5) * s], [0, 0, 1]])
+  np.testing.assert_allclose(record['intrinsics'], [[f_u * s, 0, c_u * s],
+                                                    [0, f_v * s, c_v * s], [0, 0, 1]])
 
 
 def test_laser_boxes_in_camera_frame(converted):
@@ -132,16 +145,58 @@ def test_laser_boxes_in_camera_frame(converted):
   cam_from_vehicle = np.linalg.inv(fx.WAYMO_CAMERA_EXTRINSIC)
   for box, (_, center, length, width, height, heading) in zip(record['boxes3d'],
                                                               fx.WAYMO_LABELS[:2]):
-    signs = np.array([[a, b, c] for a in (-.5, .5) for b in (-.5, .5) for c in (-.5, .5)])
-    corners_v = signs * [length, width, height] @ fx._rz(heading).T + center
+    corners_v = fx.waymo_box_corners(center, length, width, height, heading)
     corners_w = corners_v @ cam_from_vehicle[:3, :3].T + cam_from_vehicle[:3, 3]
     corners = np.stack([-corners_w[:, 1], -corners_w[:, 2], corners_w[:, 0]], -1)  # ours
     ours = geometry.box3d_corners(box[None])[0]
     distances = np.linalg.norm(ours[:, None] - corners[None], axis=-1)  # corner order differs
     assert distances.min(0).max() < 1e-4 and distances.min(1).max() < 1e-4
+  # The fixture camera only yaws, so the schema box projects to the same 2D box.
   boxes2d, keep = geometry.boxes3d_to_2d(record['boxes3d'], record['intrinsics'], H, W)
   assert keep.all()
   np.testing.assert_allclose(record['boxes2d'], boxes2d, atol=1e-4)
+
+
+def _pitched_extrinsic(roll: float, pitch: float) -> np.ndarray:
+  """The fixture camera (camera -> vehicle), rolled and pitched about its own axes."""
+  def rx(a):
+    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+
+  def ry(a):
+    return np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+
+  extrinsic = fx.WAYMO_CAMERA_EXTRINSIC.copy()
+  extrinsic[:3, :3] = extrinsic[:3, :3] @ ry(pitch) @ rx(roll)
+  return extrinsic
+
+
+def _boxes_from_projected_labels(frame, scale: float) -> np.ndarray:
+  """Waymo's own projected_lidar_labels of a frame as [K, 4] x1, y1, x2, y2 at `scale`."""
+  (projected,) = frame.projected_lidar_labels
+  return np.array([[b.center_x - b.length / 2, b.center_y - b.width / 2,
+                    b.center_x + b.length / 2, b.center_y + b.width / 2]
+                   for b in (label.box for label in projected.labels)]) * scale
+
+
+@pytest.mark.parametrize('roll,pitch', [(0.0, 0.0), (0.05, 0.12)])
+def test_2d_boxes_match_waymo_projected_labels(tmp_path, roll, pitch):
+  """Defects 1 and 2: the 8 vehicle-frame corners through the full (rolled, pitched) camera,
+  and Waymo's principal point convention (left image edge at 0), checked against the
+  projected_lidar_labels Waymo's camera model writes (here distortion-free)."""
+  extrinsic = _pitched_extrinsic(roll, pitch)
+  fx.write_waymo_segment(str(tmp_path / 'raw' / 'training' / 'pitched.tfrecord'), 1,
+                         camera_extrinsic=extrinsic)
+  for height, width, scale in ((64, 96, 1.0), (48, 72, 0.75)):
+    built = _build(tmp_path / 'raw', tmp_path / f'out{height}', files=('pitched.tfrecord',),
+                   height=height, width=width)
+    (record,) = fx.read_split(built, 'train')
+    np.testing.assert_array_equal(record['boxes2d_cls'], [0, 1])
+    expected = _boxes_from_projected_labels(fx.waymo_frame(0, camera_extrinsic=extrinsic),
+                                            scale)
+    np.testing.assert_allclose(record['boxes2d'], expected, atol=2e-3)
+  if pitch:  # the yaw-only schema box misses the tilt (by 1 source pixel here, 6 on Waymo)
+    yaw_only, _ = geometry.boxes3d_to_2d(record['boxes3d'], record['intrinsics'], 48, 72)
+    assert np.abs(yaw_only - record["boxes2d"]).max() > 0.5
 
 
 def test_camera_segmentation_is_remapped_and_resized(converted):
@@ -156,47 +211,105 @@ def test_camera_segmentation_is_remapped_and_resized(converted):
   assert (seg[:4, :4] == schema.IGNORE_LABEL).all()
 
 
-def test_frames_without_segmentation_are_ignore(segments, tmp_path):
-  _convert(segments[1], str(tmp_path), '--max_frames=1')
-  (record,) = fx.read_split(str(tmp_path), 'train')
-  assert (record['seg'] == schema.IGNORE_LABEL).all()
+def test_frames_without_segmentation_are_ignore(raw, tmp_path):
+  built = _build(raw, tmp_path, files=('segment-1.tfrecord',))
+  assert all((r['seg'] == schema.IGNORE_LABEL).all() for r in fx.read_split(built, 'train'))
 
 
-def test_resume_sharding_and_corrupt_files(segments, tmp_path):
-  raw = tmp_path / 'raw'
-  raw.mkdir()
-  for path in segments:
-    shutil.copy(path, raw)
-  data = open(segments[0], 'rb').read()
-  (raw / 'segment-truncated.tfrecord').write_bytes(data[:len(data) // 2])
-  (raw / 'segment-garbage.tfrecord').write_bytes(b'not a tfrecord at all' * 10)
-  out = str(tmp_path / 'out')
-  pattern = str(raw / '*.tfrecord')
+def test_frames_without_lidar_are_flagged_counted_and_optionally_skipped(raw, tmp_path):
+  """Defect 3: a frame without LiDAR returns has an all-zero companion; it is flagged per
+  record (meta has_companion) and counted in metadata.json, and can be left out."""
+  manual = tmp_path / 'raw'
+  shutil.copytree(raw / 'training', manual / 'training')
+  fx.write_waymo_segment(str(manual / 'training' / 'no-lidar.tfrecord'), 6, with_lidar=False,
+                         context_name='no-lidar')
+  files = ('segment-0.tfrecord', 'no-lidar.tfrecord')
+  built = _build(manual, tmp_path / 'out', files=files)
+  records = fx.read_split(built, 'train')
+  flags = {(r['meta']['scene'], r['meta']['frame']): r['meta']['has_companion'] for r in records}
+  assert flags == {('no-lidar', 0): False, ('no-lidar', 5): False, ('segment-0', 0): True,
+                   ('segment-0', 5): True, ('segment-0', 10): True}
+  assert built.info.metadata['without_companion_train'] == 2
+  assert all(not r['companion'].any() for r in records if not r['meta']['has_companion'])
+  kept = _build(manual, tmp_path / 'skip', files=files, skip_without_companion=True)
+  assert [r['meta']['scene'] for r in fx.read_split(kept, 'train')] == ['segment-0'] * 3
+  assert kept.info.metadata['without_companion_train'] == 2
 
-  assert _convert(pattern, out, '--num_shards=2', '--shard_index=0') is None  # shard 1 pending
-  assert not os.path.exists(os.path.join(out, 'metadata.json'))
-  metadata = _convert(pattern, out, '--num_shards=2', '--shard_index=1')
-  shard_units = []
-  for i in range(2):
-    with open(os.path.join(out, f'train-{i:05d}-of-00002.stats.json')) as f:
-      shard_units.append(set(json.load(f)['units']))
-  assert not shard_units[0] & shard_units[1]
-  assert len(shard_units[0] | shard_units[1]) == 5
-  assert metadata['num_skipped'] == {'train': 2}
-  assert {os.path.basename(p) for p in metadata['skipped']['train']} == {
-      'segment-truncated.tfrecord', 'segment-garbage.tfrecord'}
-  assert metadata['splits'] == {'train': 9}  # 3 intact segments x frames 0, 5, 10
-  assert len(fx.read_split(out, 'train')) == 9
 
-  shard = os.path.join(out, 'train-00000-of-00002.array_record')
-  before = os.stat(shard).st_mtime_ns
-  again = _convert(pattern, out, '--num_shards=2')  # both shards finished: nothing redone
-  assert os.stat(shard).st_mtime_ns == before
-  assert again['splits'] == metadata['splits']
-  os.remove(os.path.join(out, 'metadata.json'))
-  assert waymo.main(['waymo', f'--output_dir={out}', '--finalize'])['splits'] == {'train': 9}
-  with pytest.raises(ValueError, match='num_shards'):
-    _convert(pattern, out, '--num_shards=3')
+def test_bad_inputs_are_named_skipped_and_an_empty_build_fails(raw, tmp_path, caplog):
+  """Defect 4: what the input is and what is missing, for each kind of bad file."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  manual = tmp_path / 'raw'
+  (manual / 'training').mkdir(parents=True)
+  shutil.copy(raw / 'training' / 'segment-0.tfrecord', manual / 'training')
+  data = (raw / 'training' / 'segment-1.tfrecord').read_bytes()
+  (manual / 'training' / 'truncated.tfrecord').write_bytes(data[:len(data) // 2])
+  (manual / 'training' / 'garbage.tfrecord').write_bytes(b'not a tfrecord at all' * 10)
+  with tf.io.TFRecordWriter(str(manual / 'training' / 'empty.tfrecord')):
+    pass
+  with tf.io.TFRecordWriter(str(manual / 'training' / 'not-frames.tfrecord')) as writer:
+    writer.write(b'\x08\x01\x10\x02')  # a valid protobuf, but not a Frame
+  built = _build(manual, tmp_path / 'out', files=('*.tfrecord',))
+  skipped = {os.path.basename(p): reason for p, reason in
+             built.info.metadata['skipped_train'].items()}
+  assert sorted(skipped) == ['empty.tfrecord', 'garbage.tfrecord', 'not-frames.tfrecord',
+                             'truncated.tfrecord']
+  assert 'empty TFRecord' in skipped['empty.tfrecord']
+  assert 'is not a Waymo Frame' in skipped['not-frames.tfrecord']
+  assert 'frame pose' not in skipped['not-frames.tfrecord']
+  assert 'DataLossError' in skipped['truncated.tfrecord']
+  assert built.info.splits['train'].num_examples == 3
+
+  caplog.clear()
+  with pytest.raises(RuntimeError, match=r"\['train'\] hold no record: every input"):
+    _build(manual, tmp_path / 'side', files=('segment-0.tfrecord',),
+           cameras=['FRONT', 'SIDE_LEFT'])
+  (line,) = [l for l in caplog.text.splitlines() if 'SIDE_LEFT image' in l]
+  assert "frame 0 has no SIDE_LEFT image (its images: ['FRONT'])" in line
+  assert 'corrupt' not in line
+  with pytest.raises(RuntimeError, match=r"split\(s\) \['train'\] hold no record"):
+    _build(manual, tmp_path / 'none', files=('garbage.tfrecord', 'empty.tfrecord'))
+  assert not os.path.exists(tmp_path / 'none' / 'lemumo_waymo' / 'test_32x48' / '1.0.0')
+  with pytest.raises(FileNotFoundError, match='no file matches'):
+    _build(manual, tmp_path / 'nothing', files=('absent-*.tfrecord',))
+
+
+def test_outputs_are_readable_by_others_under_the_umask(raw, tmp_path):
+  """Defect 5: outputs follow the umask (0644 under 022), not mkstemp's 0600."""
+  old = os.umask(0o022)
+  try:
+    built = _build(raw, tmp_path / 'out')
+  finally:
+    os.umask(old)
+  files = [os.path.join(d, f) for d, _, names in os.walk(built.data_path) for f in names]
+  assert any(f.endswith('-00000-of-00001') for f in files)
+  for path in files:
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+def test_rebuild_with_other_inputs_or_settings_is_refused(raw, tmp_path):
+  """Defect 6: a rerun into an existing dataset with other inputs or settings is refused,
+  naming them, unless overwrite; a killed build's incomplete folder is cleaned up."""
+  manual = tmp_path / 'raw'
+  shutil.copytree(raw / 'training', manual / 'training')
+  out = tmp_path / 'out'
+  built = _build(manual, out, files=('segment-*.tfrecord',))
+  assert built.info.splits['train'].num_examples == 9
+  before = os.stat(built.data_path / 'dataset_info.json').st_mtime_ns
+  assert _build(manual, out, files=('segment-*.tfrecord',)).info.splits[
+      'train'].num_examples == 9  # same inputs and settings: reused as it is
+  assert os.stat(built.data_path / 'dataset_info.json').st_mtime_ns == before
+  fx.write_waymo_segment(str(manual / 'training' / 'segment-3.tfrecord'), 6)
+  with pytest.raises(ValueError, match=r"inputs.units: \{'train': 3\} -> \{'train': 4\}"):
+    _build(manual, out, files=('segment-*.tfrecord',))
+  with pytest.raises(ValueError, match='settings.options'):
+    _build(manual, out, files=('segment-[012].tfrecord',), frame_stride=2)
+  stale = built.data_path.parent / 'incomplete.ABC123_1.0.0'
+  stale.mkdir()
+  (stale / 'half-written').write_bytes(b'x')
+  rebuilt = _build(manual, out, files=('segment-*.tfrecord',), overwrite=True)
+  assert rebuilt.info.splits['train'].num_examples == 11
+  assert not stale.exists()
 
 
 def test_depth_splat_matches_the_shared_renderer():

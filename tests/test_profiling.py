@@ -61,7 +61,7 @@ def test_encoder_flops_follow_the_routing():
 
 def test_schedule_needs_a_length():
   config = tiny_config()
-  config.data.update(name='arrayrecord', data_dir='')
+  config.data.update(name='tfds', data_dir='')
   config.train.num_steps = 0
   with pytest.raises(ValueError, match='config.profile.num_records'):
     profiling.schedule_steps(config)

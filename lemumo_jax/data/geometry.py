@@ -78,7 +78,13 @@ def boxes3d_to_2d(boxes: np.ndarray, intrinsics: np.ndarray, height: int,
   Returns (boxes2d, keep) where keep [K] marks boxes entirely in front of the camera whose
   clipped box has positive area.
   """
-  corners = box3d_corners(boxes)
+  return corners_to_2d(box3d_corners(boxes), intrinsics, height, width)
+
+
+def corners_to_2d(corners: np.ndarray, intrinsics: np.ndarray, height: int,
+                  width: int) -> tuple[np.ndarray, np.ndarray]:
+  """boxes3d_to_2d on corners [K, 8, 3] in the camera frame (boxes of any 3D orientation)."""
+  corners = np.asarray(corners, np.float64).reshape(-1, 8, 3)
   if corners.shape[0] == 0:
     return np.zeros((0, 4), np.float32), np.zeros((0,), bool)
   uv, z = project_points(corners.reshape(-1, 3), intrinsics)

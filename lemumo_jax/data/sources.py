@@ -1,4 +1,4 @@
-"""Random-access record sources: prepared ArrayRecord shards, or the synthetic scenes.
+"""Random-access record sources: datasets built by data_prep/ (TFDS), or the synthetic scenes.
 
 Every source yields records in the layout of schema.py and has `__len__` / `__getitem__`, so
 grain can shuffle, shard and batch it by index.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import glob
+import json
 import os
 from typing import Any
 
@@ -16,25 +17,28 @@ import numpy as np
 from lemumo_jax.data import schema
 
 
-class ArrayRecordSource:
-  """Records of one split of a prepared dataset (`<data_dir>/<split>-*.array_record`)."""
+class TfdsSource:
+  """Records of one split of a dataset built by data_prep/ (a TFDS `array_record` folder,
+  `<data_dir>/<name>/<config>/<version>`), read with `tfds` `as_data_source`.
+
+  Before anything is read, every shard the dataset info lists is opened and its record count
+  compared with the info: a missing, empty or truncated shard stops here, named.
+  """
 
   def __init__(self, data_dir: str, split: str):
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    # metadata.json lists a split's shards only once every shard of it is finished, so a
-    # conversion still running (or a crashed one) is never read half-done.
-    shard_files = schema.read_metadata(data_dir).get('shard_files', {})
-    if split not in shard_files:
-      pattern = os.path.join(data_dir, f'{split}-*-of-*.array_record')
-      raise FileNotFoundError(
-          f'{os.path.join(data_dir, "metadata.json")} lists no finished split {split!r} '
-          f'(finished: {sorted(shard_files)}; shards on disk: {len(glob.glob(pattern))}); '
-          f'finish the data_prep run for it or run it with --finalize')
-    self._paths = [os.path.join(data_dir, name) for name in shard_files[split]]
-    self._readers = [array_record_module.ArrayRecordReader(p) for p in self._paths]
-    counts = [reader.num_records() for reader in self._readers]
-    self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    self.split = split
+    self.data_dir, self.split = data_dir, split
+    builder = tfds_builder(data_dir)
+    if split not in builder.info.splits:
+      raise ValueError(f'{data_dir} has splits {sorted(builder.info.splits)}, not {split!r}')
+    info = builder.info.splits[split]
+    self._paths = [os.fspath(p) for p in info.filepaths]
+    self._starts = np.concatenate([[0], np.cumsum(info.shard_lengths)]).astype(int).tolist()
+    _check_shards(self._paths, list(info.shard_lengths), info.num_examples)
+    self._features = builder.info.features
+    self._source = builder.as_data_source(split)
+    if len(self._source) != info.num_examples:
+      raise ValueError(f'{data_dir} {split}: the data source holds {len(self._source)} records, '
+                       f'the dataset info says {info.num_examples}')
 
   def __len__(self) -> int:
     return self._starts[-1]
@@ -44,23 +48,84 @@ class ArrayRecordSource:
     if not 0 <= index < len(self):
       raise IndexError(f'record {index} out of range [0, {len(self)})')
     shard = bisect.bisect_right(self._starts, index) - 1
-    offset = index - self._starts[shard]
-    blob = self._readers[shard].read([offset])[0]
-    return schema.decode(blob, where=f'{self._paths[shard]}[{offset}]')
+    where = f'{self._paths[shard]}[{index - self._starts[shard]}]'
+    try:
+      record = from_example(self._source[index])
+    except Exception as e:  # pylint: disable=broad-except
+      raise schema.SchemaError(f'{where}: cannot read record ({type(e).__name__}: {e})') from e
+    schema.validate(record, where)
+    return record
 
   def __repr__(self) -> str:
-    return f'ArrayRecordSource({len(self._paths)} shards, {len(self)} records, {self.split})'
+    return f'TfdsSource({self.data_dir}, {self.split}: {len(self._paths)} shards, {len(self)})'
 
   def __getstate__(self):
     # Readers hold file handles; reopen them in grain worker processes.
-    return {'paths': self._paths, 'split': self.split}
+    return {'data_dir': self.data_dir, 'split': self.split}
 
   def __setstate__(self, state):
-    self.__init__(os.path.dirname(state['paths'][0]), state['split'])
+    self.__init__(state['data_dir'], state['split'])
+
+
+def tfds_builder(data_dir: str):
+  """The read-only TFDS builder of a built dataset folder; one clear error when it is not one."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not data_dir:
+    raise ValueError('config.data.data_dir is empty: point it at a dataset built by data_prep/ '
+                     '(--config.data.data_dir=<data_dir>/lemumo_waymo/front_320x480/1.0.0)')
+  info_path = os.path.join(data_dir, 'dataset_info.json')
+  if not os.path.exists(info_path):
+    found = sorted(glob.glob(os.path.join(data_dir, '**', 'dataset_info.json'), recursive=True))
+    hint = (f'; built datasets below it: {[os.path.dirname(p) for p in found[:5]]}' if found
+            else '; build one with python -m data_prep.build')
+    raise FileNotFoundError(f'{info_path} not found: config.data.data_dir must be the folder '
+                            f'of one built dataset version{hint}')
+  for name in ('dataset_info.json', 'features.json', 'metadata.json'):
+    path = os.path.join(data_dir, name)
+    try:
+      with open(path) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'{path} is missing or not readable JSON ({type(e).__name__}: {e}); '
+                       'rebuild the dataset (python -m data_prep.build ... --overwrite)') from e
+  return tfds.builder_from_directory(data_dir)
+
+
+def _check_shards(paths: list[str], lengths: list[int], num_examples: int) -> None:
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  if sum(lengths) != num_examples:
+    raise ValueError(f'dataset info: shard lengths {lengths} do not add up to {num_examples}')
+  for path, want in zip(paths, lengths):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} is missing (the dataset info lists {want} records in '
+                              'it); rebuild the dataset')
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      have = reader.num_records()
+      reader.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{path} is not a readable ArrayRecord file ({type(e).__name__}: {e}); '
+                       'rebuild the dataset') from e
+    if have != want:
+      raise ValueError(f'{path} holds {have} records, the dataset info says {want} '
+                       '(truncated or replaced); rebuild the dataset')
+
+
+def from_example(example: dict[str, Any]) -> dict[str, Any]:
+  """A decoded example of data_prep/builder.py's features -> the schema record."""
+  record = {key: np.asarray(example[key], np.dtype(dtype))
+            for key, (dtype, _) in schema.FIELDS.items()}
+  meta = example['meta']
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  record['meta'] = {'dataset': text(meta['dataset']), 'scene': text(meta['scene']),
+                    'camera': text(meta['camera']), 'frame': int(meta['frame']),
+                    'timestamp': int(meta['timestamp']),
+                    'has_companion': bool(example['has_companion'])}
+  return record
 
 
 def build_source(data_cfg, split: str):
-  """The record source of `data_cfg.name` ('synthetic' or 'arrayrecord') for `split`."""
+  """The record source of `data_cfg.name` ('synthetic' or 'tfds') for `split`."""
   if data_cfg.name == 'synthetic':
     from lemumo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     num = {'train': data_cfg.num_train, 'val': data_cfg.num_val}.get(split)
@@ -70,13 +135,10 @@ def build_source(data_cfg, split: str):
     return synthetic.SyntheticScenes(num, height=height, width=width,
                                      companion=data_cfg.companion, seed=data_cfg.seed,
                                      split=split, object_range=tuple(data_cfg.object_range))
-  if data_cfg.name == 'arrayrecord':
-    if not data_cfg.data_dir:
-      raise ValueError('config.data.data_dir is empty: point it at a data_prep output folder '
-                       '(--config.data.data_dir=/path/to/shards)')
-    return ArrayRecordSource(data_cfg.data_dir, split)
-  raise ValueError(f"config.data.name must be 'synthetic' or 'arrayrecord', got "
-                   f'{data_cfg.name!r}')
+  if data_cfg.name == 'tfds':
+    return TfdsSource(data_cfg.data_dir, split)
+  raise ValueError(f"config.data.name must be 'synthetic' or 'tfds' (a dataset built by "
+                   f"data_prep/), got {data_cfg.name!r}")
 
 
 def dataset_metadata(data_cfg) -> dict[str, Any]:
@@ -86,4 +148,10 @@ def dataset_metadata(data_cfg) -> dict[str, Any]:
     height, width = data_cfg.image_size
     return synthetic.metadata(num_train=data_cfg.num_train, num_val=data_cfg.num_val,
                               height=height, width=width, companion=data_cfg.companion)
-  return schema.read_metadata(data_cfg.data_dir)
+  if data_cfg.name != 'tfds':
+    raise ValueError(f"config.data.name must be 'synthetic' or 'tfds', got {data_cfg.name!r}")
+  builder = tfds_builder(data_cfg.data_dir)
+  metadata = dict(builder.info.metadata)
+  metadata['splits'] = {name: int(split.num_examples) for name, split in
+                        builder.info.splits.items()}
+  return metadata

@@ -1,0 +1,368 @@
+"""The TFDS builder every dataset is prepared with (Waymo, nuScenes, FLIR ADAS), on Beam.
+
+A dataset module (data_prep/waymo.py, nuscenes.py, flir.py) subclasses `RecordBuilder` with its
+name, classes and builder configs, and supplies two functions:
+
+  split_units(manual_dir, config) -> {split: [WorkUnit]}   input files / scenes / image pairs
+  make_converter(manual_dir, config) -> object with .convert(payload, skip) yielding Frames
+
+`_split_generators` turns each split's units into a Beam pipeline (`beam.Create(units) |
+ParDo(convert)`), so the same builder runs with the local DirectRunner (in memory, or
+`direct_running_mode=multi_processing,direct_num_workers=N`) and on a cluster runner (Dataflow,
+Flink, Spark). TFDS writes `array_record` files under
+`<data_dir>/<name>/<config>/<version>/` (in an `incomplete.*` folder renamed when done) and
+the dataset info beside them; `metadata.json` holds what this project reads: classes,
+companion, stored image size, the converter options, the inputs each split was built from, the
+inputs skipped as corrupt and the count of frames whose companion map is empty (no LiDAR).
+
+A unit that cannot be decoded raises CorruptInputError(path, reason): it is dropped whole,
+logged and listed in metadata.json; a converter may also skip single frames through `skip`.
+Any other exception is a bug and stops the build. A build in which a split ends up with no
+record fails. A rebuild into an existing dataset folder compares the inputs and settings it
+was built from and refuses on a difference (naming it) unless `--overwrite`; `incomplete.*`
+folders left by a killed build are removed first.
+
+  python -m data_prep.build waymo --manual_dir=/data/waymo/v1 --data_dir=/data/tfds \
+      [--config=front_320x480] [--image_height=.. --image_width=.. --cameras=..] \
+      [--beam_pipeline_options=direct_running_mode=multi_processing,direct_num_workers=16]
+  tfds build lemumo_waymo --imports=data_prep.waymo --manual_dir=... --data_dir=... \
+      --config=front_320x480 --file_format=array_record --beam_pipeline_options=...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from lemumo_jax.data import schema
+
+# A converted frame: the record dict (schema.FIELDS + meta) and, when the stored RGB is the
+# unmodified source image, its original JPEG bytes (stored as-is instead of re-encoding).
+Frame = tuple[dict[str, Any], bytes | None]
+Skip = Callable[[str, str], None]
+
+VERSION = tfds.core.Version('1.0.0')
+
+
+class CorruptInputError(Exception):
+  """An input file that cannot be decoded; the unit is skipped, its path and reason recorded."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f'{path}: {reason}')
+    self.path = path
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkUnit:
+  name: str  # stable and unique: the example keys' prefix and the name used in reports
+  payload: Any
+
+
+@dataclasses.dataclass(eq=False)
+class Config(tfds.core.BuilderConfig):
+  """What the paper varies per dataset: stored frame size, cameras and converter options."""
+  image_height: int = 320
+  image_width: int = 480
+  rgb_format: str = 'jpeg'  # 'jpeg' (the source JPEG, or quality 95) or 'png' (lossless)
+  skip_without_companion: bool = False  # drop frames whose companion map is empty
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the module's Options
+
+  def settings(self) -> dict[str, Any]:
+    """Everything that determines the records, as JSON (recorded in metadata.json)."""
+    return json.loads(json.dumps({
+        'image_size': [self.image_height, self.image_width], 'rgb_format': self.rgb_format,
+        'skip_without_companion': self.skip_without_companion, 'options': self.options}))
+
+
+def features(height: int, width: int, rgb_format: str) -> tfds.features.FeaturesDict:
+  """The TFDS features of schema.py's record (+ has_companion); static image shapes."""
+  zlib_map = functools.partial(tfds.features.Tensor, shape=(height, width),
+                               encoding=tfds.features.Encoding.ZLIB)
+  return tfds.features.FeaturesDict({
+      'rgb': tfds.features.Image(shape=(height, width, 3), encoding_format=rgb_format),
+      'companion': zlib_map(dtype=np.float32),
+      'depth_target': zlib_map(dtype=np.float32),
+      'seg': zlib_map(dtype=np.uint8),
+      'boxes3d': tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
+      'boxes3d_cls': tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      'boxes2d': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+      'boxes2d_cls': tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      'intrinsics': tfds.features.Tensor(shape=(3, 3), dtype=np.float32),
+      'has_companion': tfds.features.Tensor(shape=(), dtype=np.bool_),
+      'meta': tfds.features.FeaturesDict({
+          'dataset': tfds.features.Text(), 'scene': tfds.features.Text(),
+          'camera': tfds.features.Text(),
+          'frame': tfds.features.Tensor(shape=(), dtype=np.int64),
+          'timestamp': tfds.features.Tensor(shape=(), dtype=np.int64)}),
+  })
+
+
+def encode_image(rgb: np.ndarray, rgb_format: str) -> bytes:
+  buffer = io.BytesIO()
+  if rgb_format == 'jpeg':
+    Image.fromarray(rgb).save(buffer, format='JPEG', quality=95)
+  else:
+    Image.fromarray(rgb).save(buffer, format='PNG', compress_level=1)
+  return buffer.getvalue()
+
+
+def to_example(record: Mapping[str, Any], source_jpeg: bytes | None,
+               rgb_format: str) -> dict[str, Any]:
+  """A validated schema record -> the features dict TFDS encodes."""
+  schema.validate(record)
+  if source_jpeg is None or rgb_format != 'jpeg':
+    source_jpeg = encode_image(np.asarray(record['rgb']), rgb_format)
+  example = {key: np.asarray(record[key], np.dtype(dtype))
+             for key, (dtype, _) in schema.FIELDS.items() if key != 'rgb'}
+  meta = record['meta']
+  example.update(
+      rgb=source_jpeg, has_companion=bool(np.any(example['companion'] > 0)),
+      meta={'dataset': str(meta['dataset']), 'scene': str(meta['scene']),
+            'camera': str(meta['camera']), 'frame': int(meta['frame']),
+            'timestamp': int(meta['timestamp'])})
+  return example
+
+
+class _Convert(beam.DoFn):
+  """One work unit -> its examples; skipped inputs and empty-companion keys as side outputs."""
+
+  def __init__(self, make_converter: Callable[[], Any], config: Config,
+               classes_2d: Sequence[str]):
+    self._make_converter = make_converter
+    self._classes_3d, self._classes_2d = tuple(schema.CLASSES_3D), tuple(classes_2d)
+    self._rgb_format = config.rgb_format
+    self._skip_empty = config.skip_without_companion
+    self._converter = None
+
+  def setup(self):
+    self._converter = self._make_converter()
+
+  def process(self, unit: WorkUnit):
+    skipped: list[tuple[str, str]] = []
+
+    def skip(path: str, reason: str) -> None:
+      logging.warning('skipping %s: %s', path, reason)
+      skipped.append((path, reason))
+
+    try:  # a unit is converted whole first, so a file found corrupt halfway adds nothing
+      frames = [to_example(record, jpeg, self._rgb_format)
+                for record, jpeg in self._converter.convert(unit.payload, skip)]
+    except CorruptInputError as e:
+      skip(e.path, e.reason)
+      frames = []
+    for item in skipped:
+      yield beam.pvalue.TaggedOutput('skipped', item)
+    for example in frames:
+      meta = example['meta']
+      key = f'{unit.name}/{meta["frame"]:06d}/{meta["camera"]}'
+      if not example['has_companion']:
+        yield beam.pvalue.TaggedOutput('without_companion', key)
+        if self._skip_empty:
+          continue
+      for kind, names in (('3d', self._classes_3d), ('2d', self._classes_2d)):
+        for cls in example[f'boxes{kind}_cls'].tolist():
+          yield beam.pvalue.TaggedOutput('boxes', (kind, names[cls]))
+      yield key, example
+
+
+def _nested_counts(pairs) -> dict[str, dict[str, int]]:
+  counts: dict[str, dict[str, int]] = {'3d': {}, '2d': {}}
+  for (kind, name), count in sorted(pairs):
+    counts[kind][name] = count
+  return counts
+
+
+def _units_digest(units: Sequence[WorkUnit]) -> str:
+  return hashlib.sha256('\n'.join(sorted(u.name for u in units)).encode()).hexdigest()[:16]
+
+
+class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the dataset builders; subclasses set the class attributes and functions below."""
+
+  VERSION = VERSION
+  MANUAL_DOWNLOAD_INSTRUCTIONS = ('Nothing is downloaded: point --manual_dir at the raw '
+                                  'dataset as released (see the dataset module docstring).')
+  RELEASE_NOTES = {'1.0.0': 'Schema version 1 of lemumo_jax/data/schema.py.'}
+  DATASET = ''
+  COMPANION = 'depth'
+  CLASSES_2D: tuple[str, ...] = schema.CLASSES_3D
+  SEG_CLASSES: tuple[str, ...] = ()
+  split_units: Callable[[str, Config], dict[str, list[WorkUnit]]]
+  make_converter: Callable[[str, Config], Any]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    metadata = tfds.core.BeamMetadataDict(
+        dataset=self.DATASET, companion=self.COMPANION, classes_3d=list(schema.CLASSES_3D),
+        classes_2d=list(cfg.options.get('classes') or self.CLASSES_2D), seg_classes=list(self.SEG_CLASSES),
+        image_size=[cfg.image_height, cfg.image_width], schema_version=schema.SCHEMA_VERSION,
+        r_max=schema.R_MAX, ignore_label=schema.IGNORE_LABEL, settings=cfg.settings())
+    return self.dataset_info_from_configs(
+        description=f'{self.DATASET} frames in the lemumo_jax record schema '
+                    '(lemumo_jax/data/schema.py).',
+        features=features(cfg.image_height, cfg.image_width, cfg.rgb_format),
+        metadata=metadata)
+
+  def _split_generators(self, dl_manager, pipeline):
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    cfg = self.builder_config
+    units = self._split_units(manual_dir)
+    metadata = self.info.metadata
+    metadata['inputs'] = self._inputs_record(manual_dir, units)
+    metadata['command_line'] = list(sys.argv)
+    make = functools.partial(type(self).make_converter, manual_dir, cfg)
+    return {split: self._generate_examples(pipeline, split, split_units, make)
+            for split, split_units in units.items()}
+
+  def _generate_examples(self, pipeline, split: str, units: Sequence[WorkUnit],
+                         make_converter: Callable[[], Any]):
+    """The split's examples as a PCollection; its skipped inputs and the count of frames with
+    an empty companion map go to metadata.json (BeamMetadataDict), with the box counts."""
+    results = (pipeline
+               | f'{split}_units' >> beam.Create(sorted(units, key=lambda u: u.name))
+               | f'{split}_reshuffle' >> beam.Reshuffle()
+               | f'{split}_convert' >> beam.ParDo(
+                   _Convert(make_converter, self.builder_config,
+                            self.info.metadata['classes_2d'])).with_outputs(
+                       'skipped', 'without_companion', 'boxes', main='examples'))
+    self.info.metadata[f'skipped_{split}'] = (
+        results.skipped | f'{split}_skipped_list' >> beam.combiners.ToList()
+        | f'{split}_skipped_dict' >> beam.Map(lambda pairs: dict(sorted(pairs))))
+    self.info.metadata[f'without_companion_{split}'] = (
+        results.without_companion
+        | f'{split}_without_companion_count' >> beam.combiners.Count.Globally())
+    self.info.metadata[f'box_counts_{split}'] = (
+        results.boxes | f'{split}_box_counts' >> beam.combiners.Count.PerElement()
+        | f'{split}_box_counts_list' >> beam.combiners.ToList()
+        | f'{split}_box_counts_dict' >> beam.Map(_nested_counts))
+    return results.examples
+
+  def _split_units(self, manual_dir: str) -> dict[str, list[WorkUnit]]:
+    if not os.path.isdir(manual_dir):
+      raise FileNotFoundError(f'manual_dir {manual_dir} is not a folder: point --manual_dir at '
+                              f'the raw {self.DATASET} data ({type(self).__doc__.strip()})')
+    units = type(self).split_units(manual_dir, self.builder_config)
+    for split, split_units in units.items():
+      names = [u.name for u in split_units]
+      if len(set(names)) != len(names):
+        raise ValueError(f'{self.DATASET} {split}: work unit names are not unique')
+    return units
+
+  def _inputs_record(self, manual_dir: str, units: Mapping[str, Sequence[WorkUnit]]):
+    return {'manual_dir': os.path.abspath(manual_dir),
+            'units': {split: len(u) for split, u in units.items()},
+            'units_sha256': {split: _units_digest(u) for split, u in units.items()}}
+
+  def download_and_prepare(self, *, download_dir=None, download_config=None, file_format=None):
+    """TFDS's build, after refusing a rebuild that differs from the existing dataset and
+    clearing a killed build's `incomplete.*` folders; fails when a split came out empty."""
+    download_config = download_config or tfds.download.DownloadConfig()
+    overwrite = download_config.download_mode.overwrite_dataset
+    if download_config.manual_dir is None:
+      raise ValueError(f'{self.name}: pass --manual_dir, the folder of the raw dataset '
+                       f'({type(self).__doc__.strip()}); nothing is downloaded')
+    if self.data_path.exists() and not overwrite:
+      self._check_same_build(os.fspath(download_config.manual_dir))
+    _remove_incomplete(self.data_path)
+    try:
+      super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                   file_format=file_format or 'array_record')
+    except ValueError as e:  # TFDS refuses to write a split without examples
+      match = re.search(r'examples is 0 for split (\S+?)\.', str(e))
+      if match is None:
+        raise
+      raise RuntimeError(
+          f'{self.data_path}: split(s) [{match[1]!r}] hold no record: every input of it was '
+          'skipped (each is logged above as "skipping <path>: <reason>") or converted to '
+          'nothing; nothing was written') from e
+    empty = self._empty_splits()
+    if empty:
+      shutil.rmtree(os.fspath(self.data_path))  # nothing a reader could mistake for a dataset
+      raise RuntimeError(f'{self.data_path}: split(s) {empty} hold no record; inputs skipped: '
+                         f'{ {s: self.info.metadata.get(f"skipped_{s}") for s in empty} }; '
+                         'nothing was kept')
+
+  def _empty_splits(self) -> list[str]:
+    return sorted(split for split, info in self.info.splits.items() if info.num_examples == 0)
+
+  def _check_same_build(self, manual_dir: str) -> None:
+    path = os.path.join(os.fspath(self.data_path), 'metadata.json')
+    try:
+      with open(path) as f:
+        built = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'{path} is missing or unreadable ({e}): the dataset folder '
+                       f'{self.data_path} is damaged; rebuild it with --overwrite') from e
+    wanted = {'inputs': self._inputs_record(manual_dir, self._split_units(manual_dir)),
+              'settings': self.builder_config.settings()}
+    differ = [f'{group}.{key}: {built.get(group, {}).get(key)!r} -> {value!r}'
+              for group, values in wanted.items() for key, value in values.items()
+              if built.get(group, {}).get(key) != value]
+    if differ:
+      raise ValueError(f'{self.data_path} was built from other inputs or settings ('
+                       + '; '.join(differ) + '); rebuild with --overwrite (tfds build '
+                       '--overwrite), or pass another --data_dir or --config')
+
+
+def _remove_incomplete(data_path) -> None:
+  """Removes `incomplete.*` folders of this config left by a killed build."""
+  parent = os.path.dirname(os.fspath(data_path))
+  if not os.path.isdir(parent):
+    return
+  for name in os.listdir(parent):
+    if name.startswith('incomplete.'):
+      logging.warning('removing %s, left by a build that did not finish',
+                      os.path.join(parent, name))
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def beam_options(spec: str):
+  """'direct_running_mode=multi_processing,direct_num_workers=4' -> PipelineOptions."""
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  flags = [f'--{item.strip()}' for item in spec.split(',') if item.strip()]
+  return PipelineOptions(flags)
+
+
+def build(builder_cls: type[RecordBuilder], *, manual_dir: str, data_dir: str,
+          config: Config | str | None = None, pipeline_options: str = '',
+          overwrite: bool = False) -> RecordBuilder:
+  """Builds one dataset config (the CLI's and the tests' entry); returns the builder."""
+  builder = builder_cls(config=config, data_dir=data_dir)
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  if overwrite and builder.data_path.exists():
+    shutil.rmtree(os.fspath(builder.data_path))
+    builder = builder_cls(config=config, data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, download_mode=mode,
+      beam_options=beam_options(pipeline_options)))
+  return builder
+
+
+def summary(builder: RecordBuilder) -> str:
+  metadata = builder.info.metadata
+  lines = [f'{builder.info.full_name} -> {builder.data_path}']
+  for split, info in sorted(builder.info.splits.items()):
+    skipped = metadata.get(f'skipped_{split}') or {}
+    lines.append(f'  {split}: {info.num_examples} records in {info.num_shards} shards from '
+                 f'{metadata["inputs"]["units"].get(split)} units, {len(skipped)} inputs '
+                 f'skipped, {metadata.get(f"without_companion_{split}")} frames with an empty '
+                 'companion map')
+  return '\n'.join(lines)
+
