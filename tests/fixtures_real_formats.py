@@ -186,9 +186,13 @@ def waymo_projected_box(label, extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC):
 
 def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_projections=True,
                 pixel_pose_jitter: float = 0.0, with_segmentation: bool = True,
-                camera_extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC, with_lidar: bool = True):
+                camera_extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC, with_lidar: bool = True,
+                image_scale: int = 1):
   """One Frame proto of the fixture scene (identical geometry in every frame). Its FRONT
-  image carries Waymo-style projected_lidar_labels of the vehicle and the pedestrian."""
+  image carries Waymo-style projected_lidar_labels of the vehicle and the pedestrian.
+  image_scale > 1 (benchmarks): the camera image and calibration that many times larger (20
+  gives Waymo's 1920 x 1280, textured with noise); the camera projections and labels stay at
+  scale 1."""
   dataset_pb2, label_pb2 = _waymo_pb2()
   frame = dataset_pb2.Frame()
   frame.context.name = context_name
@@ -197,9 +201,9 @@ def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_pro
 
   camera = frame.context.camera_calibrations.add()
   camera.name = dataset_pb2.CameraName.FRONT
-  camera.intrinsic.extend(WAYMO_INTRINSIC)
+  camera.intrinsic.extend([v * image_scale for v in WAYMO_INTRINSIC[:4]] + WAYMO_INTRINSIC[4:])
   camera.extrinsic.transform.extend(np.asarray(camera_extrinsic).reshape(-1).tolist())
-  camera.height, camera.width = WAYMO_IMAGE_HW
+  camera.height, camera.width = (n * image_scale for n in WAYMO_IMAGE_HW)
   camera.rolling_shutter_direction = dataset_pb2.CameraCalibration.LEFT_TO_RIGHT
 
   top = frame.context.laser_calibrations.add()
@@ -214,7 +218,11 @@ def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_pro
 
   image = frame.images.add()
   image.name = dataset_pb2.CameraName.FRONT
-  image.image = _jpeg(waymo_camera_image())
+  pixels = waymo_camera_image()
+  if image_scale > 1:  # large and textured, so that JPEG sizes are like a real camera's
+    pixels = np.kron(pixels, np.ones((image_scale, image_scale, 1), np.uint8))
+    pixels = pixels // 2 + np.random.default_rng(index).integers(0, 96, pixels.shape, np.uint8)
+  image.image = _jpeg(pixels)
   image.pose.transform.extend(waymo_frame_pose().reshape(-1).tolist())
   if with_segmentation:
     image.camera_segmentation_label.panoptic_label_divisor = WAYMO_SEG_DIVISOR

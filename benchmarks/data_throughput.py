@@ -1,0 +1,115 @@
+"""Host-side data throughput: building a dataset (Beam) and the training loader, per core.
+
+  python -m benchmarks.data_throughput                  # 6 segments x 12 frames, 2 workers
+  python -m benchmarks.data_throughput --segments=16 --workers=8 --batches=50
+
+Input: Waymo real-format fixture segments (tests/fixtures_real_formats.py) with a 1920 x 1280
+textured JPEG camera image, Waymo's FRONT resolution, and frame_stride 1, so every frame is a
+record; stored at the paper's 320 x 480 (configs/waymo.py) as the source JPEG re-encoded.
+
+Measured, each as frames/s and frames/s per core:
+  convert     waymo.Converter in this process, no Beam: decode the Frame proto and JPEG, range
+              images -> points -> depth map, boxes, resize, encode (one core)
+  build 1     data_prep.build on Beam's in-memory DirectRunner (one process), start to finish
+  build N     the same on the multi-process DirectRunner with --workers processes
+  loader T    pipeline.pretrain_loader over the built dataset (tfds data source -> decode JPEG
+              and zlib maps -> batch of --batch_size), grain with T read threads (1 and --workers)
+The GPU demand it is compared with (RESULTS.md): one H100 at 40% MFU on the paper config takes
+about 3,500 frames/s; cores needed = 3,500 / (loader frames/s per core).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+_SEGMENTS = flags.DEFINE_integer('segments', 6, 'Fixture segments (Beam work units).')
+_FRAMES = flags.DEFINE_integer('frames', 12, 'Frames per segment (all kept: stride 1).')
+_WORKERS = flags.DEFINE_integer('workers', 2, 'Beam worker processes; loader threads.')
+_BATCH = flags.DEFINE_integer('batch_size', 32, 'Loader batch size.')
+_BATCHES = flags.DEFINE_integer('batches', 20, 'Loader batches timed (after 2 warm-up).')
+_SIZE = flags.DEFINE_list('image_size', ['320', '480'], 'Stored frame size (height, width).')
+
+
+def _config(height: int, width: int, options: dict):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from data_prep import waymo  # pylint: disable=g-import-not-at-top
+  base = waymo.LemumoWaymo.BUILDER_CONFIGS[0]
+  return dataclasses.replace(base, name=f'bench_{height}x{width}', image_height=height,
+                             image_width=width, options={**base.options, **options})
+
+
+def _convert_rate(paths, config) -> float:
+  from data_prep import waymo  # pylint: disable=g-import-not-at-top
+  converter = waymo.make_converter('', config)
+  start, frames = time.perf_counter(), 0
+  for path in paths:
+    frames += sum(1 for _ in converter.convert(path, lambda *_: None))
+  return frames / (time.perf_counter() - start)
+
+
+def _build_rate(raw: str, out: str, config, pipeline_options: str) -> tuple[float, str]:
+  from data_prep import builder, waymo  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  built = builder.build(waymo.LemumoWaymo, manual_dir=raw, data_dir=out, config=config,
+                        pipeline_options=pipeline_options)
+  seconds = time.perf_counter() - start
+  return built.info.splits['train'].num_examples / seconds, os.fspath(built.data_path)
+
+
+def _loader_rate(data_dir: str, height: int, width: int, threads: int) -> float:
+  from configs import waymo as waymo_config  # pylint: disable=g-import-not-at-top
+  from lemumo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = waymo_config.get_config()
+  config.data.update(data_dir=data_dir, image_size=(height, width), num_threads=threads)
+  batches = iter(pipeline.pretrain_loader(config.data, _BATCH.value, seed=0, start_step=0,
+                                          num_steps=_BATCHES.value + 2, with_seg=False))
+  for _ in range(2):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(_BATCHES.value):
+    next(batches)
+  return _BATCH.value * _BATCHES.value / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  from tests import fixtures_real_formats as fx  # pylint: disable=g-import-not-at-top
+  height, width = (int(v) for v in _SIZE.value)
+  workers = _WORKERS.value
+  results = {'cpu_count': os.cpu_count(), 'workers': workers, 'image_size': [height, width],
+             'source_image': [1280, 1920]}
+  with tempfile.TemporaryDirectory() as tmp:
+    raw = os.path.join(tmp, 'raw')
+    paths = [fx.write_waymo_segment(os.path.join(raw, 'training', f'segment-{i}.tfrecord'),
+                                    _FRAMES.value, context_name=f'segment-{i}', image_scale=20,
+                                    camera_projections=False)
+             for i in range(_SEGMENTS.value)]
+    config = _config(height, width, {'frame_stride': 1, 'splits': [['train', 'training/*']]})
+    results['frames'] = _SEGMENTS.value * _FRAMES.value
+    results['convert_frames_per_sec'] = _convert_rate(paths[:2], config)
+    results['build_1_frames_per_sec'], data_dir = _build_rate(
+        raw, os.path.join(tmp, 'out1'), config, '')
+    results[f'build_{workers}_frames_per_sec'], _ = _build_rate(
+        raw, os.path.join(tmp, f'out{workers}'), config,
+        f'direct_running_mode=multi_processing,direct_num_workers={workers}')
+    for threads in sorted({1, workers}):
+      results[f'loader_{threads}_frames_per_sec'] = _loader_rate(data_dir, height, width,
+                                                                 threads)
+  per_core = {k.replace('frames_per_sec', 'per_core'): v / (workers if f'_{workers}_' in k
+                                                              and workers > 1 else 1)
+              for k, v in results.items() if k.endswith('frames_per_sec')}
+  results.update(per_core)
+  loader_per_core = max(results[f'loader_{t}_per_core'] for t in sorted({1, workers}))
+  results['cores_for_3500_frames_per_sec'] = 3500 / loader_per_core
+  print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()},
+                   indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
