@@ -88,7 +88,7 @@ def main(argv):
     raw = os.path.join(tmp, 'raw')
     paths = [fx.write_waymo_segment(os.path.join(raw, 'training', f'segment-{i}.tfrecord'),
                                     _FRAMES.value, context_name=f'segment-{i}', image_scale=20,
-                                    camera_projections=False)
+                                    camera_projections=False, with_segmentation=False)
              for i in range(_SEGMENTS.value)]
     config = _config(height, width, {'frame_stride': 1, 'splits': [['train', 'training/*']]})
     results['frames'] = _SEGMENTS.value * _FRAMES.value
