@@ -36,6 +36,9 @@ skipped as a whole and reported by name (data_prep/builder.py).
 Splits (builder option `splits`): train = <manual_dir>/training/*.tfrecord, val =
 <manual_dir>/validation/*.tfrecord (the v1 release's folders).
   python -m data_prep.build waymo --manual_dir=/data/waymo/v1 --data_dir=/data/tfds
+
+~460 lines: the range-image geometry is reimplemented here in numpy (the wheel's is TF-based)
+and belongs beside the frame conversion that uses it.
 """
 
 from __future__ import annotations

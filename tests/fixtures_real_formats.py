@@ -8,7 +8,7 @@
             root rgb_to_thermal_vid_map.json
 
 Everything is generated from explicit parameters (the module constants below) so tests can
-compute the expected geometry independently. One module of ~540 lines on purpose: the three
+compute the expected geometry independently. One module of ~590 lines on purpose: the three
 writers share those constants and the scene they describe.
 """
 

@@ -3,6 +3,7 @@ naming the file, on a dataset folder that is not what its dataset info says."""
 
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -68,6 +69,8 @@ def test_reader_matches_the_dataset_info(flir_built, tmp_path):
   record = source[0]
   schema.validate(record)
   assert record['meta']['dataset'] == 'flir' and record['meta']['has_companion']
+  again = pickle.loads(pickle.dumps(source))  # grain worker processes reopen the shards
+  np.testing.assert_array_equal(again[3]['rgb'], source[3]['rgb'])
   with pytest.raises(ValueError, match=r"has splits \['train'\], not 'val'"):
     sources.TfdsSource(data_dir, 'val')
 
