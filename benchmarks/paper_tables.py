@@ -8,12 +8,13 @@ Car mAP50) with Table 6's compute columns beside it.
   python -m benchmarks.paper_tables --rows=lejepa_rgb,lejepa_rgb:frozen,lidar_only,lemumo
   # the paper's Waymo setting; anything after -- goes to every run of lemumo_jax.main
   python -m benchmarks.paper_tables --table=3 --config=configs/waymo.py \
-      --out_dir=/runs/waymo_tables -- --config.data.data_dir=/data/waymo_shards
+      --out_dir=/runs/waymo_tables -- \
+      --config.data.data_dir=/data/tfds/lemumo_waymo/front_320x480/1.0.0
   # Table 5 on FLIR: scratch rows, then Waymo -> FLIR transfer and fine-tuning of the encoders
   # the Waymo runs above exported (/runs/waymo_tables/<row>_seed<seed>/encoder)
   python -m benchmarks.paper_tables --table=5 --config=configs/flir.py \
       --transfer_from=/runs/waymo_tables --out_dir=/runs/flir_tables -- \
-      --config.data.data_dir=/data/flir_shards
+      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0
 
 A row is '<row>[:<kind>]' with <row> a configs/common.py METHODS name. Every (row, seed) runs
 in <out_dir>/<row>[_<kind>]_seed<seed> as:

@@ -7,7 +7,8 @@
       --config.model.num_heads=3 --config.views.global_size=112 --config.views.num_local=4 \
       --config.views.local_size=48 --steps=5 --warmup=2
   # the real input pipeline (grain loader + on-device views) against a constant batch
-  python -m benchmarks.step --mode=input --config.data.data_dir=/data/waymo_shards
+  python -m benchmarks.step --mode=input \
+      --config.data.data_dir=/data/tfds/lemumo_waymo/front_320x480/1.0.0
 
 Every row is `configs/common.py` METHODS[row] applied on top of --config and its overrides, then
 THE train step the training loop runs (pretrain.build + jit_train_step, via

@@ -10,12 +10,14 @@ Table 5's three training regimes are the row argument's optional second part
   # no local crops) on the frozen encoder a Waymo run exported
   python -m lemumo_jax.main --config=configs/flir.py:lemumo,transfer \
       --config.probe.encoder_dir=runs/waymo_lemumo/encoder \
-      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0 --workdir=runs/flir_lemumo_transfer
+      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0 \
+      --workdir=runs/flir_lemumo_transfer
   # Fine-tune: that encoder + a 3-layer, 512-wide CenterNet decoder end to end (30 epochs,
   # encoder lr 2e-5, decoder lr 2e-4; config.finetune)
   python -m lemumo_jax.main --config=configs/flir.py:lemumo,finetune \
       --config.finetune.encoder_dir=runs/waymo_lemumo/encoder \
-      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0 --workdir=runs/flir_lemumo_finetune
+      --config.data.data_dir=/data/tfds/lemumo_flir/video_512x640/1.0.0 \
+      --workdir=runs/flir_lemumo_finetune
 
 The Waymo encoder transfers as is: its companion (depth) and FLIR's (thermal) are both one
 channel. The companion is the thermal image in [0, 1]; the SSL views resample it bilinearly

@@ -1,7 +1,8 @@
 """nuScenes from scratch (Table 4), prepared by data_prep/nuscenes.py (CAM_FRONT + LIDAR_TOP).
 
   python -m lemumo_jax.main --config=configs/nuscenes.py:lemumo \
-      --config.data.data_dir=/data/tfds/lemumo_nuscenes/front_288x512/1.0.0 --workdir=runs/nuscenes_lemumo
+      --config.data.data_dir=/data/tfds/lemumo_nuscenes/front_288x512/1.0.0 \
+      --workdir=runs/nuscenes_lemumo
 
 Same schedule as Waymo (S1: 5 SSL epochs, then 5 probe epochs at batch 64). Frames are stored
 at 288 x 512 (16:9, nothing cropped).

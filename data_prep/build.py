@@ -29,8 +29,8 @@ def builder_class(dataset: str) -> type[builder.RecordBuilder]:
   return getattr(importlib.import_module(module), name)
 
 
-def config_from_flags(builder_cls: type[builder.RecordBuilder], name: str | None, height: int | None,
-                      width: int | None, rgb_format: str | None,
+def config_from_flags(builder_cls: type[builder.RecordBuilder], name: str | None,
+                      height: int | None, width: int | None, rgb_format: str | None,
                       skip_without_companion: bool | None, options: str) -> builder.Config:
   """A named config of the builder, with the flags' overrides (then named by their digest)."""
   configs = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
@@ -42,7 +42,12 @@ def config_from_flags(builder_cls: type[builder.RecordBuilder], name: str | None
                                      rgb_format=rgb_format,
                                      skip_without_companion=skip_without_companion).items()
                if v is not None}
-  extra = json.loads(options) if options else {}
+  try:
+    extra = json.loads(options) if options else {}
+  except ValueError as e:
+    raise ValueError(f'--options={options!r} is not a JSON object ({e})') from e
+  if not isinstance(extra, dict):
+    raise ValueError(f'--options={options!r} is not a JSON object')
   if not overrides and not extra:
     return base
   config = dataclasses.replace(base, **overrides, options={**base.options, **extra})
@@ -77,8 +82,9 @@ def main(argv: Sequence[str]) -> builder.RecordBuilder:
   builder_cls = builder_class(args.dataset)
   config = config_from_flags(builder_cls, args.config, args.image_height, args.image_width,
                              args.rgb_format, args.skip_without_companion, args.options)
-  built = builder.build(builder_cls, manual_dir=args.manual_dir, data_dir=args.data_dir, config=config,
-                pipeline_options=args.beam_pipeline_options, overwrite=args.overwrite)
+  built = builder.build(builder_cls, manual_dir=args.manual_dir, data_dir=args.data_dir,
+                        config=config, pipeline_options=args.beam_pipeline_options,
+                        overwrite=args.overwrite)
   print(builder.summary(built))
   return built
 

@@ -210,7 +210,8 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     cfg = self.builder_config
     metadata = tfds.core.BeamMetadataDict(
         dataset=self.DATASET, companion=self.COMPANION, classes_3d=list(schema.CLASSES_3D),
-        classes_2d=list(cfg.options.get('classes') or self.CLASSES_2D), seg_classes=list(self.SEG_CLASSES),
+        classes_2d=list(cfg.options.get('classes') or self.CLASSES_2D),
+        seg_classes=list(self.SEG_CLASSES),
         image_size=[cfg.image_height, cfg.image_width], schema_version=schema.SCHEMA_VERSION,
         r_max=schema.R_MAX, ignore_label=schema.IGNORE_LABEL, settings=cfg.settings())
     return self.dataset_info_from_configs(
@@ -271,7 +272,8 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def download_and_prepare(self, *, download_dir=None, download_config=None, file_format=None):
     """TFDS's build, after refusing a rebuild that differs from the existing dataset and
-    clearing a killed build's `incomplete.*` folders; fails when a split came out empty."""
+    clearing a killed build's `incomplete.*` folders; a split that comes out empty fails the
+    build (TFDS's own check, then nothing is renamed into place), named here."""
     download_config = download_config or tfds.download.DownloadConfig()
     overwrite = download_config.download_mode.overwrite_dataset
     if download_config.manual_dir is None:
@@ -291,15 +293,6 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           f'{self.data_path}: split(s) [{match[1]!r}] hold no record: every input of it was '
           'skipped (each is logged above as "skipping <path>: <reason>") or converted to '
           'nothing; nothing was written') from e
-    empty = self._empty_splits()
-    if empty:
-      shutil.rmtree(os.fspath(self.data_path))  # nothing a reader could mistake for a dataset
-      raise RuntimeError(f'{self.data_path}: split(s) {empty} hold no record; inputs skipped: '
-                         f'{ {s: self.info.metadata.get(f"skipped_{s}") for s in empty} }; '
-                         'nothing was kept')
-
-  def _empty_splits(self) -> list[str]:
-    return sorted(split for split, info in self.info.splits.items() if info.num_examples == 0)
 
   def _check_same_build(self, manual_dir: str) -> None:
     path = os.path.join(os.fspath(self.data_path), 'metadata.json')
@@ -333,10 +326,10 @@ def _remove_incomplete(data_path) -> None:
 
 
 def beam_options(spec: str):
-  """'direct_running_mode=multi_processing,direct_num_workers=4' -> PipelineOptions."""
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  """'direct_running_mode=multi_processing,direct_num_workers=4' -> Beam PipelineOptions."""
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
   flags = [f'--{item.strip()}' for item in spec.split(',') if item.strip()]
-  return PipelineOptions(flags)
+  return pipeline_options.PipelineOptions(flags)
 
 
 def build(builder_cls: type[RecordBuilder], *, manual_dir: str, data_dir: str,

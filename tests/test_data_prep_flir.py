@@ -11,7 +11,6 @@ import pytest
 import fixtures_real_formats as fx
 from data_prep import flir
 from lemumo_jax.data import schema
-from lemumo_jax.data import sources
 
 H, W = 32, 40  # the stored grid keeps the thermal camera's 5:4
 
@@ -125,23 +124,6 @@ def test_corrupt_pairs_are_skipped_and_recorded(root, tmp_path):
   assert sorted(os.path.basename(p) for p in built.info.metadata['skipped_train']) == sorted(
       [pairs[0][1], pairs[1][0]])
   assert built.info.splits['train'].num_examples == 4
-
-
-@pytest.mark.slow
-def test_multi_process_beam_build_equals_the_in_memory_one(root, tmp_path, converted):
-  """The local multi-process DirectRunner (the command a researcher runs on one big host)
-  writes the same records as the in-memory runner."""
-  built = _build(root, tmp_path / 'out', pipeline_options=(
-      'direct_running_mode=multi_processing,direct_num_workers=2'))
-  in_memory, _ = converted
-  multi = sources.TfdsSource(os.fspath(built.data_path), 'train')
-  single = sources.TfdsSource(os.fspath(in_memory.data_path), 'train')
-  assert len(multi) == len(single) == 6
-  # Record i is the same record, so training batch i stays a function of (seed, i) only.
-  for ours, theirs in zip((multi[i] for i in range(6)), (single[i] for i in range(6))):
-    assert ours['meta'] == theirs['meta']
-    for key in schema.FIELDS:
-      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
 def test_normalize_thermal():

@@ -17,34 +17,77 @@ from data_prep import flir, nuscenes, waymo
 from lemumo_jax.data import schema
 from lemumo_jax.data import sources
 from lemumo_jax.training import pretrain
+from lemumo_jax.training import probe
 from tests.conftest import tiny_config
 
 
-def _prepare(dataset, raw, out):
+def _prepare(dataset, raw, out, with_val=False, pipeline_options=''):
+  """(built dataset, the paper config of the dataset) from its real-format fixture."""
+  kwargs = {'pipeline_options': pipeline_options}
   if dataset == 'waymo':
-    fx.write_waymo_segment(str(raw / 'training' / 'segment-0.tfrecord'), 11,
-                           context_name='segment-0')
-    return fx.build(waymo.LemumoWaymo, raw, out, 48, 64), waymo_config.get_config()
+    if not (raw / 'training').exists():
+      fx.write_waymo_segment(str(raw / 'training' / 'segment-0.tfrecord'), 11,
+                             context_name='segment-0')
+      fx.write_waymo_segment(str(raw / 'validation' / 'segment-1.tfrecord'), 6,
+                             context_name='segment-1', with_segmentation=False)
+    splits = [['train', 'training/*']] + ([['val', 'validation/*']] if with_val else [])
+    return (fx.build(waymo.LemumoWaymo, raw, out, 48, 64, splits=splits, **kwargs),
+            waymo_config.get_config())
   if dataset == 'nuscenes':
-    root = fx.write_nuscenes(str(raw))
-    return fx.build(nuscenes.LemumoNuscenes, root, out, 48, 64, version=fx.NUSC_VERSION,
-                    splits=[['train', 'mini_train']]), nuscenes_config.get_config()
-  root = fx.write_flir(str(raw))
-  return fx.build(flir.LemumoFlir, root, out, 48, 64, val_percent=0), flir_config.get_config()
+    root = raw if raw.exists() else fx.write_nuscenes(str(raw))
+    splits = [['train', 'mini_train']] + ([['val', 'mini_val']] if with_val else [])
+    return (fx.build(nuscenes.LemumoNuscenes, root, out, 48, 64, version=fx.NUSC_VERSION,
+                     splits=splits, **kwargs), nuscenes_config.get_config())
+  root = raw if raw.exists() else fx.write_flir(str(raw))
+  return (fx.build(flir.LemumoFlir, root, out, 48, 64, val_percent=50 if with_val else 0,
+                   **kwargs), flir_config.get_config())
 
 
 @pytest.mark.parametrize('dataset', ['waymo', 'nuscenes', 'flir'])
-def test_built_datasets_train_a_few_steps(dataset, tmp_path):
-  built, paper_config = _prepare(dataset, tmp_path / 'raw', tmp_path / 'tfds')
+def test_built_datasets_train_and_probe(dataset, tmp_path):
+  """Pretraining on each; the probes on Waymo (3D boxes, seg, depth, occupancy) and FLIR (2D
+  boxes, occupancy); nuScenes' probes are Waymo's heads."""
+  built, paper_config = _prepare(dataset, tmp_path / 'raw', tmp_path / 'tfds', with_val=True)
   config = tiny_config(num_steps=3, batch_size=2, checkpoint_every=3)
   config.data.update(name='tfds', data_dir=os.fspath(built.data_path),
                      image_size=tuple(built.info.metadata['image_size']),
                      companion=paper_config.data.companion)
   config.views.companion_resize = paper_config.views.companion_resize
+  config.probe.update(heads=paper_config.probe.heads, batch_size=2, num_steps=2, val_every=2,
+                      checkpoint_every=2, num_figure_frames=1)
   assert sources.dataset_metadata(config.data)['splits']['train'] >= 2
   summary = pretrain.train(config, str(tmp_path / 'run'))
   assert summary['final_step'] == 3
   assert all(np.isfinite(loss) for _, loss in summary['history'])
+  if dataset == 'nuscenes':
+    return
+  result = probe.run(config, str(tmp_path / 'run'))
+  assert np.isfinite(result['metrics']['loss'])
+  assert (tmp_path / 'run' / 'probe' / 'report.md').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('dataset', ['waymo', 'nuscenes'])
+def test_multi_process_beam_build_equals_the_in_memory_one(dataset, tmp_path):
+  """The local multi-process DirectRunner (what a researcher runs on one big host) writes
+  the same records in the same order as the in-memory runner, so training batch i stays a
+  function of (seed, i) whichever runner built the data. (Waymo: TensorFlow and the protos
+  in every worker; nuScenes: the devkit tables loaded in each worker's DoFn.setup.)"""
+  single, _ = _prepare(dataset, tmp_path / 'raw', tmp_path / 'single', with_val=True)
+  multi, _ = _prepare(dataset, tmp_path / 'raw', tmp_path / 'multi', with_val=True,
+                      pipeline_options='direct_running_mode=multi_processing,'
+                                       'direct_num_workers=2')
+  assert dict(single.info.metadata) == {**dict(multi.info.metadata),
+                                        'command_line': single.info.metadata['command_line']}
+  for split in single.info.splits:
+    ours = sources.TfdsSource(os.fspath(multi.data_path), split)
+    theirs = sources.TfdsSource(os.fspath(single.data_path), split)
+    assert len(ours) == len(theirs) > 0
+    for index in range(len(ours)):
+      a, b = ours[index], theirs[index]
+      assert a['meta'] == b['meta']
+      for key in schema.FIELDS:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f'{split}[{index}] {key}')
 
 
 @pytest.fixture(scope='module')

@@ -434,7 +434,7 @@ class SyntheticScenes:
 
 def metadata(num_train: int, num_val: int = 0, height: int = 96, width: int = 128,
              companion: str = 'depth') -> dict[str, Any]:
-  """What data_prep would write to metadata.json for this dataset."""
+  """What sources.dataset_metadata returns for a built dataset, for the synthetic scenes."""
   if companion not in COMPANIONS:
     raise ValueError(f'companion must be one of {COMPANIONS}, got {companion!r}')
   return {'dataset': 'synthetic', 'splits': {'train': int(num_train), 'val': int(num_val)},
