@@ -72,6 +72,7 @@ class CorruptInputError(Exception):
 class WorkUnit:
   name: str  # stable and unique: the example keys' prefix and the name used in reports
   payload: Any
+  stamp: str = ''  # what identifies the unit's content (file sizes), for the rebuild check
 
 
 @dataclasses.dataclass(eq=False)
@@ -189,7 +190,8 @@ def _nested_counts(pairs) -> dict[str, dict[str, int]]:
 
 
 def _units_digest(units: Sequence[WorkUnit]) -> str:
-  return hashlib.sha256('\n'.join(sorted(u.name for u in units)).encode()).hexdigest()[:16]
+  lines = sorted(f'{u.name} {u.stamp}' for u in units)
+  return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16]
 
 
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

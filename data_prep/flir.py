@@ -207,7 +207,9 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
                 os.path.join(manual_dir, options.thermal_folder, 'data',
                              os.path.basename(thermal_name)), video, frame)
     split = 'val' if is_val_video(video, options.val_percent) else 'train'
-    units[split].append(builder.WorkUnit(os.path.basename(rgb_name), pair))
+    stamp = ' '.join(str(os.path.getsize(p)) if os.path.exists(p) else 'missing'
+                     for p in (pair.rgb_path, pair.thermal_path))
+    units[split].append(builder.WorkUnit(os.path.basename(rgb_name), pair, stamp))
   units = {split: u for split, u in units.items() if u}
   if not units:
     raise ValueError(f'{map_path} lists no pairs')

@@ -430,7 +430,8 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
   files: dict[str, set[str]] = {}
   for split, pattern in options.splits:  # a split may be given several globs
     files.setdefault(split, set()).update(glob.glob(os.path.join(manual_dir, pattern)))
-  units = {split: [builder.WorkUnit(os.path.basename(p), p) for p in sorted(paths)]
+  units = {split: [builder.WorkUnit(os.path.basename(p), p, str(os.path.getsize(p)))
+                   for p in sorted(paths)]
            for split, paths in files.items() if paths}
   if not units:
     raise FileNotFoundError(f'{manual_dir}: no file matches the splits {dict(options.splits)}; '

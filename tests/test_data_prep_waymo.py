@@ -302,6 +302,13 @@ def test_rebuild_with_other_inputs_or_settings_is_refused(raw, tmp_path):
   fx.write_waymo_segment(str(manual / 'training' / 'segment-3.tfrecord'), 6)
   with pytest.raises(ValueError, match=r"inputs.units: \{'train': 3\} -> \{'train': 4\}"):
     _build(manual, out, files=('segment-*.tfrecord',))
+  os.remove(manual / 'training' / 'segment-3.tfrecord')
+  data = (manual / 'training' / 'segment-2.tfrecord').read_bytes()
+  (manual / 'training' / 'segment-2.tfrecord').write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match='inputs.units_sha256'):  # same names, other contents
+    _build(manual, out, files=('segment-*.tfrecord',))
+  (manual / 'training' / 'segment-2.tfrecord').write_bytes(data)
+  fx.write_waymo_segment(str(manual / 'training' / 'segment-3.tfrecord'), 6)
   with pytest.raises(ValueError, match='settings.options'):
     _build(manual, out, files=('segment-[012].tfrecord',), frame_stride=2)
   stale = built.data_path.parent / 'incomplete.ABC123_1.0.0'
