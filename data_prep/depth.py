@@ -7,8 +7,9 @@ coordinates with the centre of pixel (row i, column j) at (j + 0.5, i + 0.5), wh
 the convention PIL's `resize(box=...)` samples with, so image, intrinsics, projected points
 and 2D boxes stay aligned to a fraction of a pixel.
 
-Source calibrations (Waymo, nuScenes) follow the OpenCV convention (pixel centres at
-integers); `opencv_to_grid_intrinsics` converts them before scaling.
+nuScenes' calibrations follow the OpenCV convention (pixel centres at integers);
+`opencv_to_grid_intrinsics` converts them before scaling. Waymo's camera model already puts the
+left image edge at 0, as ours does, and is used as it is.
 """
 
 from __future__ import annotations
