@@ -187,12 +187,19 @@ def waymo_projected_box(label, extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC):
 def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_projections=True,
                 pixel_pose_jitter: float = 0.0, with_segmentation: bool = True,
                 camera_extrinsic: np.ndarray = WAYMO_CAMERA_EXTRINSIC, with_lidar: bool = True,
-                image_scale: int = 1):
+                image_scale: int = 1, dense_lidar: bool = False):
   """One Frame proto of the fixture scene (identical geometry in every frame). Its FRONT
   image carries Waymo-style projected_lidar_labels of the vehicle and the pedestrian.
   image_scale > 1 (benchmarks): the camera image and calibration that many times larger (20
   gives Waymo's 1920 x 1280, textured with noise); the camera projections and labels stay at
-  scale 1."""
+  scale 1. dense_lidar (benchmarks): TOP a 64 x 2650 and FRONT a 200 x 600 range image of
+  returns almost everywhere (random ranges), the sizes of Waymo's, without camera projections.
+  """
+  assert not (dense_lidar and camera_projections), 'dense_lidar has no camera projections'
+  top_shape, front_shape = ((64, 2650), (200, 600)) if dense_lidar else (WAYMO_TOP_SHAPE,
+                                                                          WAYMO_FRONT_SHAPE)
+  top_inclinations = (np.linspace(-0.31, 0.04, 64).tolist() if dense_lidar
+                      else WAYMO_TOP_INCLINATIONS)
   dataset_pb2, label_pb2 = _waymo_pb2()
   frame = dataset_pb2.Frame()
   frame.context.name = context_name
@@ -208,8 +215,8 @@ def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_pro
 
   top = frame.context.laser_calibrations.add()
   top.name = dataset_pb2.LaserName.TOP
-  top.beam_inclinations.extend(WAYMO_TOP_INCLINATIONS)
-  top.beam_inclination_min, top.beam_inclination_max = WAYMO_TOP_INCLINATIONS[0], 0.04
+  top.beam_inclinations.extend(top_inclinations)
+  top.beam_inclination_min, top.beam_inclination_max = top_inclinations[0], 0.04
   top.extrinsic.transform.extend(WAYMO_TOP_EXTRINSIC.reshape(-1).tolist())
   front = frame.context.laser_calibrations.add()
   front.name = dataset_pb2.LaserName.FRONT
@@ -239,11 +246,15 @@ def waymo_frame(index: int, *, context_name: str = 'segment-fixture', camera_pro
 
   rng = np.random.default_rng(index)
   for name, shape, returns, extrinsic in [] if not with_lidar else [
-      ('TOP', WAYMO_TOP_SHAPE, WAYMO_TOP_RETURNS, WAYMO_TOP_EXTRINSIC),
-      ('FRONT', WAYMO_FRONT_SHAPE, WAYMO_FRONT_RETURNS, WAYMO_FRONT_EXTRINSIC)]:
+      ('TOP', top_shape, WAYMO_TOP_RETURNS, WAYMO_TOP_EXTRINSIC),
+      ('FRONT', front_shape, WAYMO_FRONT_RETURNS, WAYMO_FRONT_EXTRINSIC)]:
     laser = frame.lasers.add()
     laser.name = dataset_pb2.LaserName.Name.Value(name)
-    laser.ri_return1.range_image_compressed = _matrix(_range_image(shape, returns))
+    ranges = _range_image(shape, returns)
+    if dense_lidar:
+      ranges[..., 0] = rng.uniform(1.0, 75.0, shape) * (rng.uniform(size=shape) > 0.05)
+      ranges[..., 1] = rng.uniform(size=shape)
+    laser.ri_return1.range_image_compressed = _matrix(ranges)
     if name == 'TOP':
       roll, pitch, yaw, *xyz = WAYMO_FRAME_POSE_RPY_XYZ
       pose = np.tile(np.array([roll, pitch, yaw, *xyz], np.float32), (*shape, 1))
