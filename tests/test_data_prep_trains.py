@@ -182,3 +182,21 @@ def test_bad_data_dirs_are_named(flir_built, tmp_path):
     f.truncate(40)
   with pytest.raises(ValueError, match=f'{info_path} is missing or not readable JSON'):
     sources.TfdsSource(data_dir, 'train')
+
+
+def test_resume_on_a_dataset_rebuilt_in_place_is_refused(tmp_path):
+  """A dataset rebuilt with other contents under the same data_dir is other data: the run
+  recorded the dataset's identity, and a resume names it."""
+  built, paper_config = _prepare('flir', tmp_path / 'raw', tmp_path / 'tfds')
+  config = tiny_config(num_steps=2, batch_size=2, checkpoint_every=2)
+  config.data.update(name='tfds', data_dir=os.fspath(built.data_path), image_size=(48, 64),
+                     companion=paper_config.data.companion)
+  config.views.companion_resize = paper_config.views.companion_resize
+  pretrain.train(config, str(tmp_path / 'run'))
+  thermal = sorted((tmp_path / 'raw' / 'video_thermal_test' / 'data').iterdir())
+  thermal[0].unlink()  # one pair loses its thermal frame: 5 records after the rebuild
+  fx.build(flir.LemumoFlir, tmp_path / 'raw', tmp_path / 'tfds', 48, 64, val_percent=0,
+           overwrite=True)
+  config.train.num_steps = 4
+  with pytest.raises(ValueError, match=r"dataset_identity.splits.train: 6 -> 5"):
+    pretrain.train(config, str(tmp_path / 'run'))

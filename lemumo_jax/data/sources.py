@@ -141,6 +141,18 @@ def build_source(data_cfg, split: str):
                    f"data_prep/), got {data_cfg.name!r}")
 
 
+def dataset_identity(data_cfg) -> dict[str, Any]:
+  """What makes a built dataset's records what they are, wherever its folder lies: its name,
+  build settings, input digests and split sizes ({} for the synthetic scenes, which the config
+  describes whole). The stages record it with their run and refuse to resume on other data."""
+  if data_cfg.name != 'tfds':
+    return {}
+  info = tfds_builder(data_cfg.data_dir).info
+  return {'name': info.full_name, 'settings': info.metadata.get('settings'),
+          'inputs': (info.metadata.get('inputs') or {}).get('units_sha256'),
+          'splits': {name: int(split.num_examples) for name, split in info.splits.items()}}
+
+
 def dataset_metadata(data_cfg) -> dict[str, Any]:
   """Class lists, companion kind and stored image size of the configured dataset."""
   if data_cfg.name == 'synthetic':

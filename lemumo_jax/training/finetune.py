@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lemumo_jax.data import augment, finetune_views, pipeline
+from lemumo_jax.data import augment, finetune_views, pipeline, sources
 from lemumo_jax.evaluation import report
 from lemumo_jax.models import decoder
 from lemumo_jax.tasks import heads as heads_lib
@@ -147,7 +147,8 @@ def check_run_config(finetune_dir: str, config: ml_collections.ConfigDict, encod
        'encoder_fingerprint': state_lib.params_fingerprint(encoder_params),
        'model': config.model, 'seed': config.seed,
        'finetune': {k: v for k, v in config.finetune.items() if k != 'encoder_dir'},
-       'probe.image_size': config.probe.image_size, 'data': config.data},
+       'probe.image_size': config.probe.image_size, 'data': config.data,
+       'dataset_identity': sources.dataset_identity(config.data)},
       resumable=tuple(f'finetune.{k}' for k in _RESUMABLE_KEYS),
       fix='use a new --workdir, or set those values back to resume it')
 

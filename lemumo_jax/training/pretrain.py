@@ -239,9 +239,13 @@ def run_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run with other pretraining settings (naming the keys); records the
   config in <workdir>/config.json on a fresh run."""
+  record = files.as_json(config)
+  identity = sources.dataset_identity(config.data)
+  if identity:  # a dataset rebuilt in place is other data under the same data_dir
+    record['dataset_identity'] = identity
   loop.check_run_config(
-      os.path.join(workdir, 'config.json'), files.as_json(config),
-      compared=run_sections(config), resumable=RESUMABLE,
+      os.path.join(workdir, 'config.json'), record,
+      compared=(*run_sections(config), 'dataset_identity'), resumable=RESUMABLE,
       fix='use a new --workdir, or set those values back to resume it (a dataset moved to '
           'another data_dir: edit data.data_dir in the workdir\'s config.json)')
 

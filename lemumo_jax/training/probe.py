@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lemumo_jax.data import augment, pipeline
+from lemumo_jax.data import augment, pipeline, sources
 from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import encoders
 from lemumo_jax.tasks import heads as heads_lib
@@ -164,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   metadata, heads, image_hw = setup.metadata, setup.heads, setup.image_hw
   encoder, encoder_params, model_cfg, encoder_desc = _load_encoder(config, workdir, image_hw)
   run_config = {'encoder': encoder_identity(config, workdir, encoder_params), 'seed': config.seed,
-                'data': config.data,
+                'data': config.data, 'dataset_identity': sources.dataset_identity(config.data),
                 'probe': {k: v for k, v in probe_cfg.items() if k != 'encoder_dir'}}
   check_probe_config(probe_dir, run_config, record=False)  # before anything is built
   views = downstream.views(config, 'probe', setup, int(model_cfg['patch_size']))
