@@ -153,7 +153,7 @@ def test_an_invalid_config_writes_no_record(tmp_path):
 
 @pytest.mark.parametrize('section,key,value', [
     ('train', 'batch_size', 16), ('seed', None, 1), ('optim', 'lr', 3e-4),
-    ('train', 'num_steps', 40), ('data', 'name', 'tfds'), ('views', 'num_local', 1)])
+    ('train', 'num_steps', 40), ('data', 'num_train', 64), ('views', 'num_local', 1)])
 def test_resuming_with_other_settings_is_refused_naming_the_key(tmp_path, section, key, value):
   pretrain.check_workdir_config(str(tmp_path), tiny_config())
   changed = tiny_config()
