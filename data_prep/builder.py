@@ -25,7 +25,7 @@ folders left by a killed build are removed first.
   python -m data_prep.build waymo --manual_dir=/data/waymo/v1 --data_dir=/data/tfds \
       [--config=front_320x480] [--image_height=.. --image_width=.. --options='{json}'] \
       [--beam_pipeline_options=direct_running_mode=multi_processing,direct_num_workers=16]
-  tfds build lemumo_waymo --imports=data_prep.waymo --manual_dir=... --data_dir=... \
+  PYTHONPATH=. tfds build lemumo_waymo --imports=data_prep.waymo --manual_dir=.. --data_dir=.. \
       --config=front_320x480 --file_format=array_record --beam_pipeline_options=...
 """
 

@@ -5,6 +5,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from lemumo_jax.data import schema
 from lemumo_jax.data import sources
 from lemumo_jax.training import pretrain
 from lemumo_jax.training import probe
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 def _prepare(dataset, raw, out, with_val=False, pipeline_options=''):
@@ -67,12 +69,13 @@ def test_built_datasets_train_and_probe(dataset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('dataset', ['waymo', 'nuscenes'])
+@pytest.mark.parametrize('dataset', ['waymo', 'nuscenes', 'flir'])
 def test_multi_process_beam_build_equals_the_in_memory_one(dataset, tmp_path):
   """The local multi-process DirectRunner (what a researcher runs on one big host) writes
   the same records in the same order as the in-memory runner, so training batch i stays a
   function of (seed, i) whichever runner built the data. (Waymo: TensorFlow and the protos
-  in every worker; nuScenes: the devkit tables loaded in each worker's DoFn.setup.)"""
+  in every worker; nuScenes: the devkit tables loaded in each worker's DoFn.setup; FLIR:
+  pycocotools there.)"""
   single, _ = _prepare(dataset, tmp_path / 'raw', tmp_path / 'single', with_val=True)
   multi, _ = _prepare(dataset, tmp_path / 'raw', tmp_path / 'multi', with_val=True,
                       pipeline_options='direct_running_mode=multi_processing,'
@@ -200,3 +203,19 @@ def test_resume_on_a_dataset_rebuilt_in_place_is_refused(tmp_path):
   config.train.num_steps = 4
   with pytest.raises(ValueError, match=r"dataset_identity.splits.train: 6 -> 5"):
     pretrain.train(config, str(tmp_path / 'run'))
+
+
+@pytest.mark.slow
+def test_tfds_build_command_builds_a_named_config(python_env, tmp_path):
+  """The README's `tfds build` line: TFDS's own CLI imports the builder module and builds a
+  named config (here FLIR's video_512x640) into array_record files the reader accepts."""
+  root = fx.write_flir(str(tmp_path / 'raw'))
+  result = subprocess.run(
+      [os.path.join(os.path.dirname(sys.executable), 'tfds'), 'build', 'lemumo_flir', '--imports=data_prep.flir', f'--manual_dir={root}',
+       f'--data_dir={tmp_path / "tfds"}', '--config=video_512x640',
+       '--file_format=array_record'],
+      cwd=REPO, env=python_env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  source = sources.TfdsSource(str(tmp_path / 'tfds' / 'lemumo_flir' / 'video_512x640' / '1.0.0'),
+                              'train')
+  assert len(source) > 0 and source[0]['rgb'].shape == (512, 640, 3)
