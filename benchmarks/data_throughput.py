@@ -43,11 +43,9 @@ _DENSE = flags.DEFINE_bool('dense_lidar', True, "Waymo-sized TOP (64 x 2650) and
 
 
 def _config(height: int, width: int, options: dict):
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from data_prep import waymo  # pylint: disable=g-import-not-at-top
-  base = waymo.LemumoWaymo.BUILDER_CONFIGS[0]
-  return dataclasses.replace(base, name=f'bench_{height}x{width}', image_height=height,
-                             image_width=width, options={**base.options, **options})
+  return waymo.LemumoWaymo.BUILDER_CONFIGS[0].derive(
+      f'bench_{height}x{width}', options, image_height=height, image_width=width)
 
 
 def _cpu_seconds() -> float:
@@ -65,7 +63,7 @@ def _rates(frames: int, wall_start: float, cpu_start: float) -> tuple[float, flo
 
 def _convert_rate(paths, config) -> tuple[float, float]:
   from data_prep import waymo  # pylint: disable=g-import-not-at-top
-  converter = waymo.make_converter('', config)
+  converter = waymo.Converter('', config)
   next(iter(converter.convert(paths[0], lambda *_: None)))  # TensorFlow's first-use set-up
   start, cpu, frames = time.perf_counter(), _cpu_seconds(), 0
   for path in paths:

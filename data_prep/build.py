@@ -7,7 +7,6 @@ its settings), built by data_prep/builder.py with the Beam runner of --beam_pipe
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -50,10 +49,10 @@ def config_from_flags(builder_cls: type[builder.RecordBuilder], name: str | None
     raise ValueError(f'--options={options!r} is not a JSON object')
   if not overrides and not extra:
     return base
-  config = dataclasses.replace(base, **overrides, options={**base.options, **extra})
+  config = base.derive(base.name, extra, **overrides)
   digest = hashlib.sha256(json.dumps(config.settings(), sort_keys=True).encode()).hexdigest()
-  return dataclasses.replace(config, name=f'{base.name}_custom_{digest[:8]}',
-                             description=f'{base.name} with {overrides} {extra}')
+  return config.derive(f'{base.name}_custom_{digest[:8]}',
+                       description=f'{base.name} with {overrides} {extra}')
 
 
 def main(argv: Sequence[str]) -> builder.RecordBuilder:

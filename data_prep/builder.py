@@ -84,6 +84,12 @@ class Config(tfds.core.BuilderConfig):
   skip_without_companion: bool = False  # drop frames whose companion map is empty
   options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the module's Options
 
+  def derive(self, name: str, options: Mapping[str, Any] | None = None,
+             **fields: Any) -> Config:
+    """This config renamed, with `fields` replaced and `options` merged into its options."""
+    return dataclasses.replace(self, name=name, options={**self.options, **(options or {})},
+                               **fields)
+
   def settings(self) -> dict[str, Any]:
     """Everything that determines the records, as JSON (recorded in metadata.json)."""
     return json.loads(json.dumps({

@@ -407,18 +407,14 @@ def convert_segment(path: str, options: Options,
 
 
 class Converter:
-  def __init__(self, config: builder.Config):
+  def __init__(self, manual_dir: str, config: builder.Config):
+    del manual_dir  # the units carry their paths
     self.config = config
     self.options = Options(**config.options)
 
   def convert(self, path: str, skip: builder.Skip) -> Iterator[builder.Frame]:
     del skip  # a corrupt file is dropped whole, by raising
     return convert_segment(path, self.options, self.config)
-
-
-def make_converter(manual_dir: str, config: builder.Config) -> Converter:
-  del manual_dir  # the units carry their paths
-  return Converter(config)
 
 
 def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[builder.WorkUnit]]:
@@ -458,4 +454,4 @@ class LemumoWaymo(builder.RecordBuilder):
                                       'SIDE_RIGHT'), 320, 480),
   ]
   split_units = staticmethod(split_units)
-  make_converter = staticmethod(make_converter)
+  make_converter = staticmethod(Converter)

@@ -298,13 +298,10 @@ def build(builder_cls, manual_dir, data_dir, height: int, width: int, *, rgb_for
           skip_without_companion=False, pipeline_options='', overwrite=False, **options):
   """Builds the dataset with the first config of builder_cls at [height, width] and the given
   converter options (data_prep.builder.build, the CLI's own entry)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from data_prep import builder  # pylint: disable=g-import-not-at-top
-  base = builder_cls.BUILDER_CONFIGS[0]
-  config = dataclasses.replace(base, name=f'test_{height}x{width}', image_height=height,
-                               image_width=width, rgb_format=rgb_format,
-                               skip_without_companion=skip_without_companion,
-                               options={**base.options, **options})
+  config = builder_cls.BUILDER_CONFIGS[0].derive(
+      f'test_{height}x{width}', options, image_height=height, image_width=width,
+      rgb_format=rgb_format, skip_without_companion=skip_without_companion)
   return builder.build(builder_cls, manual_dir=str(manual_dir), data_dir=str(data_dir),
                        config=config, pipeline_options=pipeline_options, overwrite=overwrite)
 

@@ -211,7 +211,8 @@ def test_tfds_build_command_builds_a_named_config(python_env, tmp_path):
   named config (here FLIR's video_512x640) into array_record files the reader accepts."""
   root = fx.write_flir(str(tmp_path / 'raw'))
   result = subprocess.run(
-      [os.path.join(os.path.dirname(sys.executable), 'tfds'), 'build', 'lemumo_flir', '--imports=data_prep.flir', f'--manual_dir={root}',
+      [os.path.join(os.path.dirname(sys.executable), 'tfds'), 'build', 'lemumo_flir',
+       '--imports=data_prep.flir', f'--manual_dir={root}',
        f'--data_dir={tmp_path / "tfds"}', '--config=video_512x640',
        '--file_format=array_record'],
       cwd=REPO, env=python_env, capture_output=True, text=True, timeout=600, check=False)

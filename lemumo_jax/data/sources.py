@@ -36,9 +36,6 @@ class TfdsSource:
     _check_shards(self._paths, list(info.shard_lengths), info.num_examples)
     self._features = builder.info.features
     self._source = builder.as_data_source(split)
-    if len(self._source) != info.num_examples:
-      raise ValueError(f'{data_dir} {split}: the data source holds {len(self._source)} records, '
-                       f'the dataset info says {info.num_examples}')
 
   def __len__(self) -> int:
     return self._starts[-1]
