@@ -18,7 +18,7 @@ from configs import common, flir
 from lemumo_jax import modes
 from lemumo_jax.data import finetune_views, pipeline
 from lemumo_jax.tasks import heads as heads_lib
-from lemumo_jax.training import finetune, pretrain, probe
+from lemumo_jax.training import downstream, finetune, loop, pretrain, probe
 from lemumo_jax.training import state as state_lib
 
 
@@ -195,15 +195,15 @@ def test_crop_moves_boxes_and_every_map_together():
 
 def test_early_stopping_rule():
   # Validations every 100 steps, best at 200: the 8th without a new best is at step 1000.
-  stale = [finetune.stale_validations(s, 200, 100) for s in (100, 200, 299, 300, 999, 1000)]
+  stale = [downstream.stale_validations(s, 200, 100) for s in (100, 200, 299, 300, 999, 1000)]
   assert stale == [0, 0, 0, 1, 7, 8]
-  assert finetune.stale_validations(500, None, 100) == 0
+  assert downstream.stale_validations(500, None, 100) == 0
   best = {'metrics': {'loss': 1.0, 'mAP50': 0.2}}
-  assert finetune.is_better({'loss': 0.9}, best, 'loss')
-  assert not finetune.is_better({'loss': 1.0}, best, 'loss')  # a tie is not a new best
-  assert finetune.is_better({'mAP50': 0.3}, best, 'mAP50')
-  assert not finetune.is_better({'mAP50': float('nan')}, best, 'mAP50')
-  assert finetune.is_better({'loss': 5.0}, None, 'loss')
+  assert loop.is_better({'loss': 0.9}, best, 'loss')
+  assert not loop.is_better({'loss': 1.0}, best, 'loss')  # a tie is not a new best
+  assert loop.is_better({'mAP50': 0.3}, best, 'mAP50')
+  assert not loop.is_better({'mAP50': float('nan')}, best, 'mAP50')
+  assert loop.is_better({'loss': 5.0}, None, 'loss')
 
 
 def test_early_stop_in_the_loop_and_rerun(tmp_path, encoder_dir, monkeypatch):
@@ -236,7 +236,7 @@ def test_finetune_end_to_end(tmp_path, encoder_dir):
   config.finetune.encoder_dir = encoder_dir
   result = finetune.run(config, str(tmp_path))
   ft_dir = tmp_path / 'finetune'
-  for name in ('report.md', 'report.json', 'probe_outputs.png', 'best/best.json', 'config.json',
+  for name in ('report.md', 'report.json', 'probe_outputs.png', 'best', 'config.json',
                'tensorboard'):
     assert (ft_dir / name).exists(), name
   assert [s for s, _ in result['val_history']] == [2, 4] and result['stopped_early_at'] is None

@@ -47,8 +47,8 @@ def _run_toy(tmp_path, *, nan_from=None, total=6, log_every=1, checkpoint_every=
   logged = []
   result = loop.train(state, step, (np.float32(i) for i in range(total)), start_step=0,
                       total_steps=total, log_every=log_every, checkpoints=checkpoints,
-                      on_log=lambda s, scalars, rate: logged.append(s))
-  return result, logged
+                      on_log=lambda s, scalars, rate: logged.append((s, rate)))
+  return result, [s for s, _ in logged], [rate for _, rate in logged]
 
 
 def _saved_steps(tmp_path):
@@ -57,9 +57,10 @@ def _saved_steps(tmp_path):
 
 
 def test_loop_logs_saves_and_returns_the_history(tmp_path):
-  result, logged = _run_toy(tmp_path, log_every=4)
+  result, logged, rates = _run_toy(tmp_path, log_every=4)
   assert result.step == 6 and not result.stopped
   assert logged == [4, 6] and [s for s, _ in result.history] == [4, 6]
+  assert all(np.isfinite(r) and r > 0 for r in rates)  # clu ReportProgress, first step included
   assert _saved_steps(tmp_path) == [2, 4, 6]
 
 
@@ -82,6 +83,49 @@ def test_a_nan_state_is_never_saved(tmp_path):
   assert _saved_steps(tmp_path) == [2]
 
 
+def _toy_state(w: float):
+  return state_lib.create_train_state({'params': {'w': jnp.full((2,), w)}}, optax.sgd(0.1))
+
+
+def test_keep_best_keeps_the_best_validation_only(tmp_path):
+  """Orbax ranks the kept steps by best_fn; a rerun reads the best back, a non-finite metric
+  never wins and is stored as null, and the restore returns the best step's params."""
+  keep = loop.KeepBest(str(tmp_path), 'mAP50')
+  assert keep.best is None
+  for step, value in ((1, 0.2), (2, 0.5), (3, 0.4), (4, float('nan'))):
+    if keep.is_better({'mAP50': value, 'loss': 1.0}):
+      keep.save(step, _toy_state(step), {'mAP50': value, 'loss': 1.0})
+  keep.wait()
+  assert keep.step == 2
+  again = loop.KeepBest(str(tmp_path), 'mAP50')
+  assert again.best == {'step': 2, 'metrics': {'mAP50': 0.5, 'loss': 1.0}}
+  assert sorted(n for n in os.listdir(tmp_path / 'best') if n.isdigit()) == ['2']
+  np.testing.assert_array_equal(again.restore(_toy_state(0)).params['w'], [2, 2])
+  assert not again.is_better({'mAP50': float('nan')})
+  again.save(5, _toy_state(5), {'mAP50': float('nan'), 'loss': 0.5})  # forced: ranks last
+  again.wait()
+  assert loop.KeepBest(str(tmp_path), 'mAP50').step == 2
+  assert loop.KeepBest(str(tmp_path / 'other'), 'loss').best is None
+
+
+def test_keep_best_adopts_the_layout_of_earlier_versions(tmp_path):
+  """best/best.json naming best/params_<step> (written before KeepBest) becomes the manager's
+  best with its metrics, instead of being lost and the final state reported as best."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state = _toy_state(7.0)
+  best_dir = tmp_path / 'best'
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(best_dir / 'params_30', {'params': state.params,
+                                               'batch_stats': state.batch_stats})
+  (best_dir / 'best.json').write_text(json.dumps(
+      {'step': 30, 'params_dir': 'params_30', 'metrics': {'loss': 0.25, 'mAP50': None}}))
+  keep = loop.KeepBest(str(tmp_path))
+  assert keep.best == {'step': 30, 'metrics': {'loss': 0.25, 'mAP50': None}}
+  assert sorted(os.listdir(best_dir)) == ['30']
+  np.testing.assert_array_equal(keep.restore(_toy_state(0.0)).params['w'], [7, 7])
+  assert not keep.is_better({'loss': 0.5}) and keep.is_better({'loss': 0.1})
+
+
 def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path):
   with pytest.raises(loop.NonFiniteLossError, match=r'there is no checkpoint in .*before the '
                                                     r'first'):
@@ -101,7 +145,7 @@ def test_probe_never_saves_nan_heads(tmp_path, monkeypatch):
                                                     r'\(checked at step 2\); there is no'):
     probe.run(config, str(tmp_path))
   assert _saved_steps(tmp_path / 'probe_raw') == []
-  assert not (tmp_path / 'probe_raw' / 'best').exists()
+  assert loop.KeepBest(str(tmp_path / 'probe_raw')).best is None
 
 
 # ------------------------------------------------------------------------ config checks

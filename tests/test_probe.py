@@ -19,7 +19,7 @@ from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import probes
 from lemumo_jax.tasks import heads as heads_lib
 from lemumo_jax.tasks import targets
-from lemumo_jax.training import pretrain, probe
+from lemumo_jax.training import loop, pretrain, probe
 
 
 # ------------------------------------------------------------------------------------ heads
@@ -309,10 +309,10 @@ def test_probe_stage_end_to_end(tmp_path):
   result = probe.run(config, str(tmp_path))
   probe_dir = tmp_path / 'probe'
   assert result['probe_dir'] == str(probe_dir)
-  for name in ('report.md', 'report.json', 'probe_outputs.png', 'best/best.json'):
+  for name in ('report.md', 'report.json', 'probe_outputs.png', 'best'):
     assert (probe_dir / name).exists(), name
   assert [s for s, _ in result['val_history']] == [2, 4]
-  best = json.loads((probe_dir / 'best' / 'best.json').read_text())
+  best = loop.KeepBest(str(probe_dir)).best
   assert best['metrics']['loss'] == pytest.approx(min(l for _, l in result['val_history']),
                                                   rel=1e-6)
   assert best['step'] == result['best_step']

@@ -2,8 +2,9 @@
 patch grid of the clean probe view (probe.image_size) and validate them with the same targets,
 metrics and report; the probe stage freezes the encoder, fine-tuning trains it with a decoder.
 
-`prepare` checks a stage's settings and builds the views: the probe geometry, the per-frame
-targets (ProbeFrame), the heads' spec, the step count and the mesh; `validate` runs one pass.
+`check` and `views` check a stage's settings and build the views: the probe geometry, the
+per-frame targets (ProbeFrame), the heads' spec, the step count and the mesh; `fit` trains with
+validation, keep-best and early stopping; `validate` runs one validation pass.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from lemumo_jax.data import pipeline, sources
@@ -77,6 +79,79 @@ def views(config: ml_collections.ConfigDict, section: str, setup: Setup,
                int(metadata['splits']['val']), mesh)
 
 
+def stale_validations(step: int, best_step: int | None, val_every: int) -> int:
+  """Validations (at multiples of val_every) after the best one, up to and including step."""
+  if best_step is None or step <= best_step:
+    return 0
+  return step // val_every - best_step // val_every
+
+
+@dataclasses.dataclass
+class Fitted:
+  best_state: Any                     # the state with the best validation's params
+  best: dict[str, Any]                # {'step', 'metrics'} of the best validation
+  best_params_dir: str
+  history: list[tuple[int, float]]    # (logged step, train loss)
+  val_history: list[tuple[int, float]]  # (validated step, val loss) of this run
+  stopped_at: int | None              # the step of an early stop, or None
+
+
+def fit(stage_dir: str, state, *, step_fn: Callable[[Any, Any], tuple[Any, Any]],
+        loader_fn: Callable[[int], Iterable[Any]], start_step: int, total_steps: int,
+        checkpoints: loop.Checkpoints, writer, on_log: Callable[[int, dict, float], None],
+        evaluate: Callable[[Any], dict[str, Any]], log_every: int, val_every: int,
+        select_by: str = 'loss', patience: int = 0) -> Fitted:
+  """The probe and fine-tune stages' training: loop.train with a validation every val_every
+  steps (and at the last) whose best (select_by) is kept in <stage_dir>/best (loop.KeepBest),
+  stopping early after `patience` validations without a new best (0: never).
+
+  loader_fn(start_step) gives the train batches; evaluate(state) one validation's metrics.
+  Returns the best state restored (a finished run resumed without best/ validates its final
+  state first).
+  """
+  keep = loop.KeepBest(stage_dir, select_by)
+  what = checkpoints.what
+
+  def stale(at_step):
+    return stale_validations(at_step, keep.step, val_every)
+
+  stopped = patience > 0 and stale(start_step) >= patience
+  if stopped:
+    print(f'{what[0].upper()}{what[1:]} stopped early at step {start_step} in an earlier run '
+          f'({patience} validations without a new best {select_by})', flush=True)
+  val_history = []
+
+  def on_validate(step, state):
+    values = evaluate(state)
+    val_history.append((step, values['loss']))
+    writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
+    improved = keep.is_better(values)
+    if improved:
+      keep.save(step, state, values)
+    note = ('  [best]' if improved else
+            f'  ({stale(step)}/{patience} without a new best)' if patience else '')
+    print(f'val @ {step}: {fmt_val(values)}{note}', flush=True)
+    if patience and stale(step) >= patience:
+      print(f'Early stop at step {step}: {patience} validations without a new best '
+            f'{select_by} (best at step {keep.step})', flush=True)
+      return True
+    return False
+
+  try:
+    result = loop.train(
+        state, step_fn, () if stopped else loader_fn(start_step), start_step=start_step,
+        total_steps=total_steps, log_every=log_every, checkpoints=checkpoints, on_log=on_log,
+        writer=writer, val_every=val_every, on_validate=on_validate, stopped=stopped)
+  finally:
+    writer.flush()
+  if keep.best is None:  # a finished run resumed with best/ deleted: validate the final state
+    keep.save(result.step, result.state, evaluate(result.state))
+  best_state = keep.restore(result.state)
+  stopped_at = result.step if result.stopped and result.step < total_steps else None
+  return Fitted(best_state, keep.best, keep.params_dir, result.history, val_history,
+                stopped_at)
+
+
 def feature_width(encoder, encoder_params, image_hw: tuple[int, int],
                   companion_channels: int) -> int:
   """The channels of the encoder's patch grid (late fusion concatenates two branches)."""
@@ -136,8 +211,7 @@ def fmt_val(values: dict[str, Any]) -> str:
   return ', '.join(parts)
 
 
-def write_train_scalars(writer, step: int, scalars: dict[str, float], rate: float) -> None:
-  """A logged train step of the probe / fine-tune loops as train/<name> scalars, with
-  train/steps_per_sec."""
-  writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()}
-                       | {'train/steps_per_sec': rate})
+def write_train_scalars(writer, step: int, scalars: dict[str, float]) -> None:
+  """A logged train step of the probe / fine-tune loops as train/<name> scalars (the loop's
+  ReportProgress writes steps_per_sec)."""
+  writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})

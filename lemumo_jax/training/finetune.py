@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from lemumo_jax.data import augment, finetune_views, pipeline, sources
@@ -65,28 +64,6 @@ def make_optimizer(ft: ml_collections.ConfigDict, total_steps: int):
   if ft.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(ft.grad_clip), tx)
   return tx, schedules
-
-
-# ---------------------------------------------------------------------- selection, stopping
-
-
-def is_better(values: dict[str, Any], best: dict[str, Any] | None, select_by: str) -> bool:
-  """Whether a validation beats the best so far (strictly; a missing value never wins)."""
-  if best is None:
-    return True
-  new, old = values.get(select_by), best['metrics'].get(select_by)
-  if new is None or not np.isfinite(new):
-    return False
-  if old is None or not np.isfinite(old):
-    return True
-  return new < old if select_by == 'loss' else new > old
-
-
-def stale_validations(step: int, best_step: int | None, val_every: int) -> int:
-  """Validations (at multiples of val_every) after the best one, up to and including step."""
-  if best_step is None or step <= best_step:
-    return 0
-  return step // val_every - best_step // val_every
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -201,7 +178,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state, start_step, state_sharding = checkpoints.restore_or_init(
       init_state, (init_key, encoder_params), replicated)
   del encoder_params  # the state holds (and trains) them
-  best = loop.read_best(finetune_dir)
 
   view_cfg = augment.ViewConfig.from_config(config.views)
   data_sharding = state_lib.batch_sharding(mesh)
@@ -224,59 +200,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pipeline.probe_eval_loader(config.data, frame, ft.batch_size), mesh,
         lambda batch: eval_step(eval_state, batch))
 
-  def stale(at_step):
-    return stale_validations(at_step, best['step'] if best else None, ft.val_every)
-
   writer = progress.metric_writer(finetune_dir)
-  val_history = []
-  stopped = stale(start_step) >= ft.patience
-  if stopped:
-    print(f'Fine-tuning stopped early at step {start_step} in an earlier run ({ft.patience} '
-          f'validations without a new best {ft.select_by})', flush=True)
-  loader = () if stopped else pipeline.probe_train_loader(
-      config.data, train_frame, ft.batch_size, seed=config.seed + 2, start_step=start_step,
-      num_steps=total_steps)
 
   def on_log(step, scalars, rate):
-    downstream.write_train_scalars(writer, step, scalars, rate)
+    downstream.write_train_scalars(writer, step, scalars)
     print(f'finetune step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
           f'({progress.loss_terms(scalars, heads)}) | lr {scalars["lr_encoder"]:.2e}'
           f' / {scalars["lr_head"]:.2e} | {rate:.2f} steps/s, '
           f'{rate * ft.batch_size:.1f} samples/s | ETA {progress.eta(total_steps - step, rate)}',
           flush=True)
 
-  def on_validate(step, state):
-    nonlocal best
-    values, _ = evaluate(state)
-    val_history.append((step, values['loss']))
-    writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
-    improved = is_better(values, best, ft.select_by)
-    if improved:
-      best = loop.save_best(finetune_dir, step, state, values)
-    note = '  [best]' if improved else f'  ({stale(step)}/{ft.patience} without a new best)'
-    print(f'val @ {step}: {downstream.fmt_val(values)}{note}', flush=True)
-    if stale(step) >= ft.patience:
-      print(f'Early stop at step {step}: {ft.patience} validations without a new best '
-            f'{ft.select_by} (best at step {best["step"]})', flush=True)
-      return True
-    return False
-
-  try:
-    result = loop.train(
-        state, lambda s, b: train_step(s, state_lib.global_batch(mesh, b)), loader,
-        start_step=start_step, total_steps=total_steps, log_every=ft.log_every,
-        checkpoints=checkpoints, on_log=on_log, val_every=ft.val_every,
-        on_validate=on_validate, stopped=stopped)
-  finally:
-    writer.flush()
-  state, step, history, stopped = result.state, result.step, result.history, result.stopped
-  stopped_at = step if stopped and step < total_steps else None
-  if best is None:  # a finished run resumed with best/ deleted: validate the final state
-    values, _ = evaluate(state)
-    best = loop.save_best(finetune_dir, step, state, values)
-
-  best_state = loop.restore_best(finetune_dir, best, state, state_sharding)
-  values, figure_frames = evaluate(best_state, probe_cfg.num_figure_frames)
+  fitted = downstream.fit(
+      finetune_dir, state, step_fn=lambda s, b: train_step(s, state_lib.global_batch(mesh, b)),
+      loader_fn=lambda first_step: pipeline.probe_train_loader(
+          config.data, train_frame, ft.batch_size, seed=config.seed + 2,
+          start_step=first_step, num_steps=total_steps),
+      start_step=start_step, total_steps=total_steps, checkpoints=checkpoints, writer=writer,
+      on_log=on_log, evaluate=lambda s: evaluate(s)[0], log_every=ft.log_every,
+      val_every=ft.val_every, select_by=ft.select_by, patience=ft.patience)
+  best, stopped_at = fitted.best, fitted.stopped_at
+  values, figure_frames = evaluate(fitted.best_state, probe_cfg.num_figure_frames)
   row = report.ReportRow(
       method=f'{config.method} fine-tuned',
       training_data=downstream.training_data_label(model_cfg, metadata.get('companion', 'depth')),
@@ -297,7 +240,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   print(f'Fine-tuning report: {paths["markdown"]} (figure {paths.get("figure", "none")})',
         flush=True)
   return {'metrics': values, 'best_step': best['step'], 'finetune_dir': finetune_dir,
-          'report': paths['markdown'],
-          'best_params_dir': os.path.join(finetune_dir, 'best', best['params_dir']),
-          'stopped_early_at': stopped_at, 'history': history,
-          'val_history': val_history}
+          'report': paths['markdown'], 'best_params_dir': fitted.best_params_dir,
+          'stopped_early_at': stopped_at, 'history': fitted.history,
+          'val_history': fitted.val_history}

@@ -7,8 +7,9 @@ must be the same everywhere:
   - checkpoint saving (`Checkpoints.save`): Orbax, asynchronous, never of a non-finite state;
   - preemption: on SIGTERM (a Slurm time limit, a TPU preemption) the loop saves the step it
     is at and raises `Preempted`; main exits with EX_TEMPFAIL (75) and a rerun resumes;
-  - progress lines (step, rate, ETA) through the stage's `on_log`, validation through
-    `on_validate`, and the best validation's params kept by `save_best` (probes, fine-tuning).
+  - progress lines (step, rate, ETA) through the stage's `on_log`, the rate measured by clu's
+    `periodic_actions.ReportProgress`; validation through `on_validate`;
+  - keep-best (`KeepBest`, probes and fine-tuning): an Orbax manager ranking by `best_fn`.
 `check_run_config` is the one comparison of a stage's settings against the run already in its
 directory: the keys a resumed run may change are logged, every other difference is refused
 with the keys named, and nothing is written before the config is validated.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -222,38 +224,116 @@ class _SigtermFlag:
 
 
 # ---------------------------------------------------------------------------- keep-best
-# The probe and fine-tune stages keep their best validation's params in <stage dir>/best/.
 
 
-def read_best(directory: str) -> dict[str, Any] | None:
-  """best/best.json of a stage directory (step, params_dir, metrics), or None."""
-  best_dir = os.path.join(directory, 'best')
-  return files.read_json(os.path.join(best_dir, 'best.json'),
-                         f'remove {best_dir} and rerun: the final state is validated again')
+def is_better(values: Mapping[str, Any], best: Mapping[str, Any] | None, select_by: str) -> bool:
+  """Whether a validation beats the best so far (strictly; a missing or non-finite value never
+  wins, and beats a best that has none). select_by 'loss': lower is better, else higher."""
+  if best is None:
+    return True
+  new, old = values.get(select_by), best['metrics'].get(select_by)
+  if new is None or not np.isfinite(new):
+    return False
+  if old is None or not np.isfinite(old):
+    return True
+  return new < old if select_by == 'loss' else new > old
 
 
-def save_best(directory: str, step: int, state, values: dict[str, Any]) -> dict[str, Any]:
-  """Writes best/params_<step> (Orbax), then best.json naming it (atomic rename), then removes
-  older params: a kill at any point leaves a best.json that names complete params."""
-  best_dir = os.path.join(directory, 'best')
-  best = {'step': int(step), 'params_dir': f'params_{step}',
-          'metrics': {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}}
-  state_lib.publish_params(best_dir, best['params_dir'],
-                           {'params': state.params, 'batch_stats': state.batch_stats},
-                           'best.json', best)
-  return best
+class KeepBest:
+  """<stage dir>/best/: the best validation's params and metrics, an Orbax CheckpointManager
+  that ranks its steps by `best_fn` (metrics[select_by]) in `best_mode` and keeps one.
 
+  A validation is saved only when it beats the best (`is_better`); Orbax writes it to a
+  temporary folder, renames it, then removes the step it beat, so a kill at any moment leaves
+  a finished best. Non-finite metrics are stored as null and rank last.
+  """
 
-def restore_best(directory: str, best: dict[str, Any], state, state_sharding):
-  target = {'params': state.params, 'batch_stats': state.batch_stats}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          target)
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.join(directory, 'best', best['params_dir']), abstract)
-  return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+  def __init__(self, stage_dir: str, select_by: str = 'loss'):
+    self.select_by = select_by
+    mode = 'min' if select_by == 'loss' else 'max'
+    worst = np.inf if mode == 'min' else -np.inf
+
+    def best_fn(metrics: Mapping[str, Any]) -> float:
+      value = metrics.get(select_by)
+      return worst if value is None else float(value)
+
+    self.directory = os.path.join(os.path.abspath(stage_dir), 'best')
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=best_fn, best_mode=mode,
+                                           keep_checkpoints_without_metrics=False, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._adopt_legacy()
+    step = self.manager.best_step()
+    self.best = None if step is None else {'step': step, 'metrics': self.manager.metrics(step)}
+
+  def _adopt_legacy(self) -> None:
+    """Moves a best kept by earlier versions (best/best.json naming best/params_<step>) into
+    the manager, so its validation stays the reported one instead of being lost."""
+    legacy = os.path.join(self.directory, 'best.json')
+    old = files.read_json(legacy, f'remove {self.directory} and rerun: the final state is '
+                                  f'validated again')
+    if old is not None:
+      if old['step'] not in self.manager.all_steps():
+        params = ocp.StandardCheckpointer().restore(os.path.join(self.directory,
+                                                                 old['params_dir']))
+        self.manager.save(old['step'], args=ocp.args.StandardSave(params),
+                          metrics=old['metrics'], force=True)
+        self.manager.wait_until_finished()
+      if jax.process_index() == 0:
+        os.remove(legacy)
+    if jax.process_index() == 0 and not os.path.exists(legacy):
+      for name in os.listdir(self.directory):
+        if name.startswith('params_'):
+          shutil.rmtree(os.path.join(self.directory, name))
+
+  @property
+  def step(self) -> int | None:
+    return None if self.best is None else self.best['step']
+
+  @property
+  def params_dir(self) -> str:
+    """The folder of the best params ({'params', 'batch_stats'}, Orbax StandardSave)."""
+    return os.path.join(self.directory, str(self.step), 'default')
+
+  def is_better(self, values: Mapping[str, Any]) -> bool:
+    return is_better(values, self.best, self.select_by)
+
+  def save(self, step: int, state, values: Mapping[str, Any]) -> None:
+    """Keeps this validation as the best (asynchronously; `restore` waits)."""
+    metrics = {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}
+    self.manager.save(step, args=ocp.args.StandardSave(
+        {'params': state.params, 'batch_stats': state.batch_stats}), metrics=metrics, force=True)
+    self.best = {'step': int(step), 'metrics': metrics}
+
+  def restore(self, state):
+    """`state` with the best params and batch_stats, in its own shardings."""
+    self.manager.wait_until_finished()
+    target = {'params': state.params, 'batch_stats': state.batch_stats}
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    restored = self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
+    return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
 
 
 # ------------------------------------------------------------------------------------ loop
+
+
+def _report_progress(total_steps: int, log_every: int, writer):
+  """clu's ReportProgress every log_every steps and at the last, keeping the steps/s it
+  measured for the stage's progress line (`.rate`)."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+  class ReportProgress(periodic_actions.ReportProgress):
+    rate = float('nan')
+
+    def _apply(self, step: int, t: float):
+      self.rate = (step - self._previous_step) / max(t - self._previous_time, 1e-9)
+      super()._apply(step, t)
+
+  return ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=log_every,
+                        every_secs=None)
 
 
 @dataclasses.dataclass
@@ -266,14 +346,15 @@ class Result:
 
 def train(state, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: Iterable[Any], *,
           start_step: int, total_steps: int, log_every: int, checkpoints: Checkpoints,
-          on_log: Callable[[int, dict[str, float], float], None],
+          on_log: Callable[[int, dict[str, float], float], None], writer=None,
           val_every: int = 0,
           on_validate: Callable[[int, Any], bool] | None = None,
           stopped: bool = False) -> Result:
   """Runs step_fn(state, batch) -> (state, metrics) from start_step to total_steps.
 
   Every log_every steps (and the last) the metrics become floats, the loss is checked and
-  on_log(step, scalars, steps/s) writes them; every val_every steps (and the last)
+  on_log(step, scalars, steps/s) writes them (the rate measured by clu's ReportProgress, which
+  also writes steps_per_sec and uptime to `writer`); every val_every steps (and the last)
   on_validate(step, state) validates and returns True to stop early; checkpoints are saved at
   the manager's interval, the last step and an early stop. Raises NonFiniteLossError,
   Preempted, or RuntimeError when the batches end before total_steps (stopped=True: a run that
@@ -281,17 +362,18 @@ def train(state, step_fn: Callable[[Any, Any], tuple[Any, Any]], batches: Iterab
   """
   history: list[tuple[int, float]] = []
   step = start_step
-  meter = progress.RateMeter(start_step)
+  report = _report_progress(total_steps, log_every, writer)
+  report(start_step)  # starts the clock: the first step is measured too
   with _SigtermFlag() as preemption:
     for batch in batches:
       state, metrics = step_fn(state, batch)
       step += 1
       last = step == total_steps
-      if step % log_every == 0 or last:
+      if report(step):  # every log_every steps and the last
         scalars = progress.host_scalars(metrics)
         checkpoints.check_finite(state, step)
         history.append((step, scalars['loss']))
-        on_log(step, scalars, meter.rate(step))
+        on_log(step, scalars, report.rate)
       if on_validate is not None and (step % val_every == 0 or last):
         checkpoints.check_finite(state, step)
         stopped = bool(on_validate(step, state)) and not last

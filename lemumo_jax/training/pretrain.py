@@ -308,8 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_size = config.train.batch_size
 
   def on_log(step, scalars, rate):
-    scalars = dict(scalars, steps_per_sec=rate, samples_per_sec=rate * batch_size)
-    writer.write_scalars(step, scalars)
+    writer.write_scalars(step, dict(scalars, samples_per_sec=rate * batch_size))
     terms = progress.loss_terms(scalars)
     print(f'step {step}/{total_steps} | loss {scalars["loss"]:.4f}'
           f'{f" ({terms})" if terms else ""} | lr {scalars["lr"]:.2e} | '
@@ -320,7 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     result = loop.train(
         state, lambda s, b: step_fn(s, state_lib.global_batch(mesh, b), step_key), loader,
         start_step=start_step, total_steps=total_steps, log_every=config.train.log_every,
-        checkpoints=checkpoints, on_log=on_log)
+        checkpoints=checkpoints, on_log=on_log, writer=writer)
   finally:
     writer.flush()
   state, step = result.state, result.step

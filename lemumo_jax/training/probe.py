@@ -214,7 +214,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  'Lower config.probe.lr.')
   state, start_step, state_sharding = checkpoints.restore_or_init(init_state, (init_key,),
                                                                   replicated)
-  best = loop.read_best(probe_dir)
 
   train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated, data_sharding),
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -248,43 +247,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return downstream.validate(evaluator, batches, mesh, eval_fn)
 
   writer = progress.metric_writer(probe_dir)
-  val_history = []
-  loader_args = dict(seed=config.seed + 1, start_step=start_step, num_steps=total_steps)
-  loader = (cache.train_batches(probe_cfg.batch_size, **loader_args) if cache else
+
+  def loader_fn(first_step):
+    loader_args = dict(seed=config.seed + 1, start_step=first_step, num_steps=total_steps)
+    return (cache.train_batches(probe_cfg.batch_size, **loader_args) if cache else
             pipeline.probe_train_loader(config.data, frame, probe_cfg.batch_size, **loader_args))
 
   def on_log(step, scalars, rate):
-    downstream.write_train_scalars(writer, step, scalars, rate)
+    downstream.write_train_scalars(writer, step, scalars)
     print(f'probe step {step}/{total_steps} | loss {scalars["loss"]:.4f} '
           f'({progress.loss_terms(scalars, heads)}) | lr {scalars["lr"]:.2e} | '
           f'{rate:.2f} steps/s | ETA {progress.eta(total_steps - step, rate)}', flush=True)
 
-  def on_validate(step, state):
-    nonlocal best
-    values, _ = evaluate(state)
-    val_history.append((step, values['loss']))
-    writer.write_scalars(step, {f'val/{k}': v for k, v in values.items() if np.isfinite(v)})
-    improved = best is None or values['loss'] < best['metrics']['loss']
-    if improved:
-      best = loop.save_best(probe_dir, step, state, values)
-    print(f'val @ {step}: {downstream.fmt_val(values)}{"  [best]" if improved else ""}',
-          flush=True)
-    return False
-
-  try:
-    result = loop.train(
-        state, lambda s, b: train_step(s, encoder_params, state_lib.global_batch(mesh, b)),
-        loader, start_step=start_step, total_steps=total_steps, log_every=probe_cfg.log_every,
-        checkpoints=checkpoints, on_log=on_log, val_every=probe_cfg.val_every,
-        on_validate=on_validate)
-  finally:
-    writer.flush()
-  state, step, history = result.state, result.step, result.history
-  if best is None:  # a finished run resumed with best/ deleted: validate the final state
-    values, _ = evaluate(state)
-    best = loop.save_best(probe_dir, step, state, values)
-
-  best_state = loop.restore_best(probe_dir, best, state, state_sharding)
+  fitted = downstream.fit(
+      probe_dir, state,
+      step_fn=lambda s, b: train_step(s, encoder_params, state_lib.global_batch(mesh, b)),
+      loader_fn=loader_fn, start_step=start_step, total_steps=total_steps,
+      checkpoints=checkpoints, writer=writer, on_log=on_log,
+      evaluate=lambda s: evaluate(s)[0], log_every=probe_cfg.log_every,
+      val_every=probe_cfg.val_every)
+  best, best_state = fitted.best, fitted.best_state
 
   def reported(num_figure_frames=0, condition=None) -> tuple[dict[str, Any], list]:
     # What the heads read: how much of the frozen grid's variance is local content.
@@ -317,8 +299,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                                           'local')), flush=True)
   print(f'Probe report: {paths["markdown"]} (figure {paths.get("figure", "none")})', flush=True)
   return {'metrics': values, 'robustness': robust, 'best_step': best['step'],
-          'probe_dir': probe_dir, 'report': paths['markdown'], 'history': history,
-          'val_history': val_history}
+          'probe_dir': probe_dir, 'report': paths['markdown'], 'history': fitted.history,
+          'val_history': fitted.val_history}
 
 
 def run_robustness(names: tuple[str, ...], encoder_cfg, companion: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,20 +27,6 @@ def metric_writer(directory: str):
 # reports them (LeJEPA, VICReg, InfoNCE, DINO + iBOT, MultiMAE).
 LOSS_TERMS = ('sigreg', 'invariance', 'variance', 'covariance', 'dino', 'ibot', 'recon_rgb',
               'recon_companion', 'seg_ce')
-
-
-class RateMeter:
-  """Steps per second between successive readings, for progress lines."""
-
-  def __init__(self, step: int):
-    self._time, self._step = time.time(), step
-
-  def rate(self, step: int) -> float:
-    """Steps per second since the previous reading (or construction); resets the clock."""
-    now = time.time()
-    rate = (step - self._step) / max(now - self._time, 1e-9)
-    self._time, self._step = now, step
-    return rate
 
 
 def eta(remaining_steps: int, rate: float) -> str:
