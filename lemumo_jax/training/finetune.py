@@ -12,8 +12,8 @@ stage's targets, losses, evaluator and report. The best validation (finetune.sel
 kept, and training stops early after finetune.patience validations without a new best.
 
 Files under <workdir>/finetune: config.json (what a resumed run must match), checkpoints/
-(Orbax, resumable), best/ (best encoder + decoder params, best.json), tensorboard/,
-report.md, report.json, probe_outputs.png.
+(Orbax, resumable), best/ (the best validation's encoder + decoder params and metrics,
+loop.KeepBest), tensorboard/, report.md, report.json, probe_outputs.png.
 """
 
 from __future__ import annotations

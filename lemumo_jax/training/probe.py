@@ -29,8 +29,8 @@ probe heads alone per step. The cache refuses to start, before anything is writt
 would exceed probe.cache_max_gib per host.
 
 Files under <workdir>/probe (probe_random for the random-encoder control, probe_raw for the raw
-input patches): checkpoints/ (Orbax, resumable like pretraining), best/ (best params +
-best.json), tensorboard/, report.md, report.json, probe_outputs.png.
+input patches): checkpoints/ (Orbax, resumable like pretraining), best/ (the best validation's
+params and metrics, loop.KeepBest), tensorboard/, report.md, report.json, probe_outputs.png.
 """
 
 from __future__ import annotations
