@@ -298,24 +298,21 @@ class KeepBest:
     return is_better(values, self.best, self.select_by)
 
   def save(self, step: int, state, values: Mapping[str, Any]) -> None:
-    """Keeps this validation as the best (asynchronously; `restore` waits)."""
+    """Keeps this validation as the best. Waits until it is on disk: the training checkpoint
+    of this step, saved next, must never be resumed from with this best lost."""
     metrics = {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}
     self.manager.save(step, args=ocp.args.StandardSave(
         {'params': state.params, 'batch_stats': state.batch_stats}), metrics=metrics, force=True)
+    self.manager.wait_until_finished()
     self.best = {'step': int(step), 'metrics': metrics}
 
   def restore(self, state):
     """`state` with the best params and batch_stats, in its own shardings."""
-    self.manager.wait_until_finished()
     target = {'params': state.params, 'batch_stats': state.batch_stats}
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     restored = self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
     return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
 
 # ------------------------------------------------------------------------------------ loop
 
