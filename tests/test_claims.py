@@ -206,14 +206,17 @@ def test_run_claims_reads_the_runs_and_analyses_missing_figure3(tmp_path, monkey
 def test_claims_command_end_to_end(python_env, tmp_path):
   """`paper_tables --claims` at the tiny size with one seed: every row runs seed-major, the
   Figure 3 analysis runs on the seed's Le MuMo and LeJEPA RGB encoders, and claims.md/json hold
-  every claim ('too few seeds': no verdict from one draw); a rerun runs nothing again."""
+  every claim ('too few seeds': no verdict from one draw); the tables (every run's report, the
+  compute profile, the encoder-frozen gap) are written beside them; a rerun runs nothing
+  again, and `--rows` over the same out_dir tabulates the finished runs it names."""
+  tail = ['--', *TINY_FLAGS, *TINY_PROBE_FLAGS,
+          '--config.profile.warmup_steps=1', '--config.profile.timed_steps=1',
+          '--config.analyze.num_points=100', '--config.analyze.perplexity=10',
+          '--config.analyze.max_iter=250',
+          # Not what the claims read: the robustness passes and the figure.
+          '--config.probe.robustness=()', '--config.probe.num_figure_frames=0']
   cmd = [sys.executable, '-m', 'benchmarks.paper_tables', '--claims', '--seeds=0',
-         f'--out_dir={tmp_path}', '--', *TINY_FLAGS, *TINY_PROBE_FLAGS,
-         '--config.profile.warmup_steps=1', '--config.profile.timed_steps=1',
-         '--config.analyze.num_points=100', '--config.analyze.perplexity=10',
-         '--config.analyze.max_iter=250',
-         # Not what the claims read: the robustness passes and the figure.
-         '--config.probe.robustness=()', '--config.probe.num_figure_frames=0']
+         f'--out_dir={tmp_path}', *tail]
   proc = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
                         timeout=1500)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -233,8 +236,37 @@ def test_claims_command_end_to_end(python_env, tmp_path):
                                                - analysis['encoders'][1]['purity_10nn']])
   text = (tmp_path / 'claims.md').read_text()
   assert 'Measured with --config=configs/synthetic.py at commit' in text
+  _check_tables(json.loads((tmp_path / 'tables.json').read_text()), len(claims.ROWS))
   again = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
                          timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count('done earlier') == len(claims.ROWS)
   assert '[analyze seed 0]' not in again.stdout
+  rows = subprocess.run([sys.executable, '-m', 'benchmarks.paper_tables',
+                         '--rows=lemumo,lemumo:frozen', '--seeds=0', f'--out_dir={tmp_path}',
+                         *tail], cwd=REPO, env=python_env, capture_output=True, text=True,
+                        timeout=600)
+  assert rows.returncode == 0 and rows.stdout.count('done earlier') == 2, rows.stderr[-3000:]
+  _check_tables(json.loads((tmp_path / 'tables.json').read_text()), 2)
+  table = (tmp_path / 'tables.md').read_text()
+  assert 'Pretrained vs. its encoder-frozen control' in table
+  assert table.startswith('| Method | Training Data | mAP XY ↑ | Depth MAE ↓ | mAP XZ ↑ | '
+                          'Seg. mIoU ↑ | Time (min) | SSL PFLOPs | Memory (GB) |')
+
+
+def _check_tables(result, num_rows):
+  """tables.json of runs that include lemumo and lemumo:frozen (seed 0)."""
+  assert len(result['rows']) == num_rows
+  by_method = {r['method']: r for r in result['rows']}
+  fused, frozen = by_method['lemumo'], by_method['lemumo encoder frozen']
+  assert fused['training_data'] == frozen['training_data'] == 'RGB+Depth'
+  assert {'mAP XY ↑', 'Depth MAE ↓', 'mAP XZ ↑', 'Seg. mIoU ↑'} <= set(fused['metrics'])
+  assert 0 < fused['metrics']['Depth MAE ↓']['mean'] < 80
+  assert 0 < frozen['metrics']['Depth MAE ↓']['mean'] < 80
+  assert fused['compute']['SSL PFLOPs'] > 0 and fused['compute']['Time (min)'] > 0
+  assert frozen['compute'] == {}
+  [gap] = result['frozen_gaps']
+  assert gap['row'] == 'lemumo' and gap['columns']['Depth MAE ↓']['seeds'] == 1
+  np.testing.assert_allclose(gap['columns']['Depth MAE ↓']['gains'],
+                             [frozen['metrics']['Depth MAE ↓']['mean']
+                              - fused['metrics']['Depth MAE ↓']['mean']], atol=1e-9)

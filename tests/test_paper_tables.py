@@ -81,39 +81,6 @@ def test_frozen_gaps_pair_seeds_sign_by_column_and_mark_intervals():
   assert paper_tables._gap_cell(one_seed[0]['columns']['mAP XY ↑'], 1) == '+0.7 1/1'
 
 
-@pytest.mark.slow
-def test_rows_pretrain_probe_profile_and_table(python_env, tmp_path):
-  """One row and its encoder-frozen control at the tiny size: every run's report, the compute
-  profile, the table; a rerun skips finished runs."""
-  cmd = [sys.executable, '-m', 'benchmarks.paper_tables', '--rows=lemumo,lemumo:frozen',
-         '--seeds=0', f'--out_dir={tmp_path}', '--', *TINY_FLAGS, *TINY_PROBE_FLAGS,
-         '--config.profile.warmup_steps=1', '--config.profile.timed_steps=2']
-  proc = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  result = json.loads((tmp_path / 'tables.json').read_text())
-  assert [r['method'] for r in result['rows']] == ['lemumo', 'lemumo encoder frozen']
-  assert [r['training_data'] for r in result['rows']] == ['RGB+Depth', 'RGB+Depth']
-  fused, frozen = result['rows']
-  assert {'mAP XY ↑', 'Depth MAE ↓', 'mAP XZ ↑', 'Seg. mIoU ↑'} <= set(fused['metrics'])
-  assert 0 < fused['metrics']['Depth MAE ↓']['mean'] < 80
-  assert 0 < frozen['metrics']['Depth MAE ↓']['mean'] < 80
-  assert fused['compute']['SSL PFLOPs'] > 0 and fused['compute']['Time (min)'] > 0
-  assert frozen['compute'] == {}
-  [gap] = result['frozen_gaps']
-  assert gap['row'] == 'lemumo' and gap['columns']['Depth MAE ↓']['seeds'] == 1
-  np.testing.assert_allclose(gap['columns']['Depth MAE ↓']['gains'],
-                             [frozen['metrics']['Depth MAE ↓']['mean']
-                              - fused['metrics']['Depth MAE ↓']['mean']], atol=1e-9)
-  table = (tmp_path / 'tables.md').read_text()
-  assert 'Pretrained vs. its encoder-frozen control' in table
-  assert table.startswith('| Method | Training Data | mAP XY ↑ | Depth MAE ↓ | mAP XZ ↑ | '
-                          'Seg. mIoU ↑ | Time (min) | SSL PFLOPs | Memory (GB) |')
-  again = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
-                         timeout=300)
-  assert again.returncode == 0 and again.stdout.count('done earlier') == 2
-
-
 def test_unknown_row_fails_with_the_row_named(python_env, tmp_path):
   cmd = [sys.executable, '-m', 'benchmarks.paper_tables', '--rows=no_such_row', '--seeds=0',
          f'--out_dir={tmp_path}', '--', *TINY_FLAGS]
