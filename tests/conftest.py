@@ -18,6 +18,18 @@ if REPO not in sys.path:
 # imports jax, by the first process to load this file (the xdist controller), and removed by it
 # at exit. A cache entry is keyed by the program and the jax/XLA version and flags, so a hit
 # runs exactly what a fresh compile would.
+# Tests compile with LLVM at -O0 (XLA's CPU backend optimisation level 0): the same XLA
+# programs, about 40% less compile CPU, which is most of a tiny test's time; the runs under
+# test compare like with like (both sides of a 1-vs-4-device or resume check compile alike).
+# Give XLA_FLAGS yourself to test at another level. `xla_flags(devices)` adds fake devices.
+TEST_XLA_FLAGS = os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess with `devices` fake CPU devices (one: the default)."""
+  return f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}'
+
+
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lemumo_jax_xla_cache_')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')

@@ -18,7 +18,7 @@ import numpy as np
 from lemumo_jax.data import pipeline
 from lemumo_jax.training import pretrain
 from lemumo_jax.training import state as state_lib
-from tests.conftest import REPO, TINY_FLAGS, tiny_config
+from tests.conftest import REPO, TINY_FLAGS, tiny_config, xla_flags
 from tests.test_pretrain import NULL_DIRECTIONS
 
 NUM_PROCESSES = 2
@@ -68,7 +68,7 @@ def _printed_losses(stdout: str) -> list[float]:
 
 def test_two_processes_match_one_process(python_env, tmp_path, monkeypatch):
   env = dict(python_env, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)  # one CPU device per process
+  env['XLA_FLAGS'] = xla_flags(1)  # one CPU device per process
   port = _free_port()
   two = tmp_path / 'two'
   logs = [(tmp_path / f'process{i}.out', tmp_path / f'process{i}.err')

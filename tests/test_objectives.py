@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lemumo_jax.objectives import lejepa, sigreg, vicreg
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -225,7 +225,7 @@ _SHARDED_LOSS = textwrap.dedent('''
 def test_every_convention_on_four_devices_uses_the_global_batch(python_env):
   """Under 4 fake devices with the samples sharded, N in SIGReg is the global batch (32), not
   the per-device 8, and every convention matches the float64 formula."""
-  env = dict(python_env, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(python_env, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _SHARDED_LOSS], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic, waymo
-from tests.conftest import REPO, TINY_FLAGS, tiny_config
+from tests.conftest import REPO, TINY_FLAGS, tiny_config, xla_flags
 from lemumo_jax import modes
 from lemumo_jax.training import pretrain
 from lemumo_jax.training import state as state_lib
@@ -133,7 +133,7 @@ _RUN_STEPS = textwrap.dedent('''
 
 
 def _run_steps(env, workdir, devices, steps):
-  env = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(env, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _RUN_STEPS, str(workdir), str(steps)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config
+from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config, xla_flags
 from lemumo_jax.data import geometry, pipeline, synthetic
 from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import probes
@@ -475,7 +475,7 @@ def test_cached_features_give_the_uncached_run(tmp_path):
 
 
 def _probe_subprocess(python_env, workdir, devices):
-  env = dict(python_env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(python_env, XLA_FLAGS=xla_flags(devices))
   cmd = [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
          f'--workdir={workdir}', *TINY_FLAGS, *TINY_PROBE_FLAGS, '--config.mode=probe',
          '--config.probe.encoder=random', '--config.data.num_val=13']
