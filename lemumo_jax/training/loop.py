@@ -158,7 +158,7 @@ class Checkpoints:
   def __init__(self, directory: str, every: int, keep: int, what: str, nan_hint: str):
     self.what, self.nan_hint, self.every = what, nan_hint, every
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                           create=True)
+                                           create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), 'checkpoints'),
                                          options=options)
 
@@ -245,7 +245,8 @@ class KeepBest:
 
   A validation is saved only when it beats the best (`is_better`); Orbax writes it to a
   temporary folder, renames it, then removes the step it beat, so a kill at any moment leaves
-  a finished best. Non-finite metrics are stored as null and rank last.
+  a finished best (and the next run removes the temporary folder). Non-finite metrics are
+  stored as null and rank last.
   """
 
   def __init__(self, stage_dir: str, select_by: str = 'loss'):
@@ -259,7 +260,8 @@ class KeepBest:
 
     self.directory = os.path.join(os.path.abspath(stage_dir), 'best')
     options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=best_fn, best_mode=mode,
-                                           keep_checkpoints_without_metrics=False, create=True)
+                                           keep_checkpoints_without_metrics=False, create=True,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._adopt_legacy()
     step = self.manager.best_step()
