@@ -100,10 +100,10 @@ def test_keep_best_keeps_the_best_validation_only(tmp_path):
   (tmp_path / 'best' / '3.orbax-checkpoint-tmp-1796000000000000' / 'default').mkdir(parents=True)
   again = loop.KeepBest(str(tmp_path), 'mAP50')
   assert again.best == {'step': 2, 'metrics': {'mAP50': 0.5, 'loss': 1.0}}
-  assert sorted(os.listdir(tmp_path / 'best')) == ['2']
   np.testing.assert_array_equal(again.restore(_toy_state(0)).params['w'], [2, 2])
   assert not again.is_better({'mAP50': float('nan')})
   again.save(5, _toy_state(5), {'mAP50': float('nan'), 'loss': 0.5})  # forced: ranks last
+  assert sorted(os.listdir(tmp_path / 'best')) == ['2']  # 5 removed, the temporary folder too
   assert loop.KeepBest(str(tmp_path), 'mAP50').step == 2
   assert loop.KeepBest(str(tmp_path / 'other'), 'loss').best is None
 
