@@ -275,11 +275,8 @@ class KeepBest:
                                   f'validated again')
     if old is not None:
       if old['step'] not in self.manager.all_steps():
-        params = ocp.StandardCheckpointer().restore(os.path.join(self.directory,
-                                                                 old['params_dir']))
-        self.manager.save(old['step'], args=ocp.args.StandardSave(params),
-                          metrics=old['metrics'], force=True)
-        self.manager.wait_until_finished()
+        self._save(old['step'], ocp.StandardCheckpointer().restore(
+            os.path.join(self.directory, old['params_dir'])), old['metrics'])
       if jax.process_index() == 0:
         os.remove(legacy)
     if jax.process_index() == 0 and not os.path.exists(legacy):
@@ -300,13 +297,17 @@ class KeepBest:
     return is_better(values, self.best, self.select_by)
 
   def save(self, step: int, state, values: Mapping[str, Any]) -> None:
-    """Keeps this validation as the best. Waits until it is on disk: the training checkpoint
-    of this step, saved next, must never be resumed from with this best lost."""
+    """Keeps this validation as the best."""
     metrics = {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}
-    self.manager.save(step, args=ocp.args.StandardSave(
-        {'params': state.params, 'batch_stats': state.batch_stats}), metrics=metrics, force=True)
-    self.manager.wait_until_finished()
+    self._save(step, {'params': state.params, 'batch_stats': state.batch_stats}, metrics)
     self.best = {'step': int(step), 'metrics': metrics}
+
+  def _save(self, step: int, variables: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+    """Waits until the save is on disk: the training checkpoint of this step, saved next, must
+    never be resumed from with this best lost."""
+    self.manager.save(step, args=ocp.args.StandardSave(dict(variables)), metrics=dict(metrics),
+                      force=True)
+    self.manager.wait_until_finished()
 
   def restore(self, state):
     """`state` with the best params and batch_stats, in its own shardings."""
