@@ -193,8 +193,7 @@ def publish_params(directory: str, name: str, tree: Any, pointer: str,
                    meta: dict[str, Any]) -> None:
   """Saves `tree` to directory/name (Orbax finalises it atomically; an existing one is kept),
   then replaces the JSON `pointer` (meta, which names `name`) by rename, then removes the older
-  params_* folders: at any kill, the pointer names complete params. The encoder export and
-  the probe and fine-tune stages' best params are written this way."""
+  params_* folders: at any kill, the pointer names complete params (the encoder export)."""
   path = os.path.join(directory, name)
   if not os.path.isdir(path):
     checkpointer = ocp.StandardCheckpointer()
