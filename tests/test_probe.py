@@ -5,8 +5,10 @@ Over 450 lines on purpose: the probe stage's reference checks share one set of t
 and numpy formulas, and are read together against S3."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -494,6 +496,41 @@ def test_probe_on_four_devices_matches_one(python_env, tmp_path):
       assert four[key] is None, key
     else:
       np.testing.assert_allclose(four[key], one[key], rtol=2e-3, atol=1e-4, err_msg=key)
+
+
+@pytest.mark.slow
+def test_probe_killed_and_rerun_reports_what_an_unbroken_run_reports(python_env, tmp_path):
+  """SIGKILL mid-probe (validations and checkpoints every 5 steps, so after a kept best), then
+  the same command: it resumes and reports bitwise what an unbroken run reports."""
+  steps = 40
+  flags = [*TINY_FLAGS, *TINY_PROBE_FLAGS, '--config.mode=probe', '--config.probe.encoder=random',
+           f'--config.probe.num_steps={steps}', '--config.probe.val_every=5',
+           '--config.probe.checkpoint_every=5', '--config.probe.robustness=()']
+
+  def command(workdir):
+    return [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
+            f'--workdir={workdir}', *flags]
+
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(command(killed), cwd=REPO, env=python_env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (killed / 'probe_random' / 'checkpoints' / '10').exists():
+    assert proc.poll() is None, 'the probe run ended before it could be killed'
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = subprocess.run(command(killed), cwd=REPO, env=python_env, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming probes from step' in resumed.stdout, resumed.stdout[-3000:]
+  unbroken = subprocess.run(command(tmp_path / 'unbroken'), cwd=REPO, env=python_env,
+                            capture_output=True, text=True, timeout=600)
+  assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+  reports = [json.loads((tmp_path / name / 'probe_random' / 'report.json').read_text())
+             for name in ('killed', 'unbroken')]
+  assert reports[0]['metrics'] == reports[1]['metrics']
+  assert reports[0]['details']['best_step'] == reports[1]['details']['best_step']
 
 
 def test_compare_tables_across_runs(tmp_path):
