@@ -3,8 +3,11 @@
 import atexit
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -88,6 +91,23 @@ TINY_PROBE_FLAGS = _flags(
 TINY_FINETUNE_FLAGS = _flags(
     'finetune.batch_size finetune.num_steps finetune.val_every finetune.log_every '
     'finetune.checkpoint_every finetune.decoder_hidden')
+
+
+def kill_when_exists(command: list[str], env: dict[str, str], path, timeout: float = 300) -> None:
+  """Runs `command` and SIGKILLs it as soon as `path` (e.g. a checkpoint folder) exists."""
+  with tempfile.TemporaryFile('w+') as log:
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        log.seek(0)
+        raise AssertionError(f'{path} did not appear before the run ended or {timeout} s '
+                             f'passed:\n{log.read()[-3000:]}')
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture

@@ -2,18 +2,16 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import synthetic, waymo
-from tests.conftest import REPO, TINY_FLAGS, tiny_config, xla_flags
+from tests.conftest import REPO, TINY_FLAGS, kill_when_exists, tiny_config, xla_flags
 from lemumo_jax import modes
 from lemumo_jax.training import pretrain
 from lemumo_jax.training import state as state_lib
@@ -177,14 +175,7 @@ def test_kill_and_rerun_resumes_from_last_checkpoint(python_env, tmp_path):
             f'--workdir={workdir}', *flags]
 
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(command(killed), cwd=REPO, env=python_env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (killed / 'checkpoints' / '10').exists():
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_when_exists(command(killed), python_env, killed / 'checkpoints' / '10')
   resumed = subprocess.run(command(killed), cwd=REPO, env=python_env, capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -5,17 +5,16 @@ Over 450 lines on purpose: the probe stage's reference checks share one set of t
 and numpy formulas, and are read together against S3."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_FLAGS, TINY_PROBE_FLAGS, tiny_config, xla_flags
+from conftest import (REPO, TINY_FLAGS, TINY_PROBE_FLAGS, kill_when_exists, tiny_config,
+                      xla_flags)
 from lemumo_jax.data import geometry, pipeline, synthetic
 from lemumo_jax.evaluation import metrics, report, robustness
 from lemumo_jax.models import probes
@@ -512,14 +511,7 @@ def test_probe_killed_and_rerun_reports_what_an_unbroken_run_reports(python_env,
             f'--workdir={workdir}', *flags]
 
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(command(killed), cwd=REPO, env=python_env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (killed / 'probe_random' / 'checkpoints' / '10').exists():
-    assert proc.poll() is None, 'the probe run ended before it could be killed'
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  kill_when_exists(command(killed), python_env, killed / 'probe_random' / 'checkpoints' / '10')
   resumed = subprocess.run(command(killed), cwd=REPO, env=python_env, capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
