@@ -317,6 +317,7 @@ class KeepBest:
     restored = self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
     return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 
+
 # ------------------------------------------------------------------------------------ loop
 
 
