@@ -5,6 +5,7 @@ tied to the encoder they were trained on, and a clean stop on SIGTERM."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,20 @@ def test_keep_best_keeps_the_best_validation_only(tmp_path):
   assert sorted(os.listdir(tmp_path / 'best')) == ['2']  # 5 removed, the temporary folder too
   assert loop.KeepBest(str(tmp_path), 'mAP50').step == 2
   assert loop.KeepBest(str(tmp_path / 'other'), 'loss').best is None
+
+
+def test_an_unreadable_kept_best_is_named(tmp_path):
+  """A truncated metrics file or a lost params folder under best/ is one error naming the
+  folder and the fix, not an Orbax message (nor a best silently replaced)."""
+  loop.KeepBest(str(tmp_path)).save(3, _toy_state(3), {'loss': 1.0})
+  (tmp_path / 'best' / '3' / 'metrics' / 'metrics').write_text('{"loss": 1')
+  with pytest.raises(ValueError, match=r'best holds a kept best that cannot be read .*remove '):
+    loop.KeepBest(str(tmp_path))
+  (tmp_path / 'best' / '3' / 'metrics' / 'metrics').write_text('{"loss": 1.0}')
+  keep = loop.KeepBest(str(tmp_path))
+  shutil.rmtree(tmp_path / 'best' / '3' / 'default')
+  with pytest.raises(ValueError, match=r'best holds a kept best that cannot be read'):
+    keep.restore(_toy_state(0))
 
 
 def test_keep_best_adopts_the_layout_of_earlier_versions(tmp_path):

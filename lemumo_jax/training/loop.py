@@ -262,10 +262,20 @@ class KeepBest:
     options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=best_fn, best_mode=mode,
                                            keep_checkpoints_without_metrics=False, create=True,
                                            cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
-    self._adopt_legacy()
-    step = self.manager.best_step()
-    self.best = None if step is None else {'step': step, 'metrics': self.manager.metrics(step)}
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+      self._adopt_legacy()
+      step = self.manager.best_step()
+      if step is None and self.manager.all_steps():  # Orbax ranks no step without metrics
+        raise ValueError(f'no readable metrics in step(s) {self.manager.all_steps()}')
+      self.best = None if step is None else {'step': step, 'metrics': self.manager.metrics(step)}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise self._unreadable(e) from e
+
+  def _unreadable(self, error: Exception) -> ValueError:
+    return ValueError(f'{self.directory} holds a kept best that cannot be read '
+                      f'({type(error).__name__}: {str(error)[:300]}); remove {self.directory} '
+                      f'and rerun: the final state is then validated and kept as the best')
 
   def _adopt_legacy(self) -> None:
     """Moves a best kept by earlier versions (best/best.json naming best/params_<step>) into
@@ -314,7 +324,10 @@ class KeepBest:
     target = {'params': state.params, 'batch_stats': state.batch_stats}
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-    restored = self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
+    try:
+      restored = self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise self._unreadable(e) from e
     return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 
 
