@@ -114,7 +114,8 @@ def test_an_unreadable_kept_best_is_named(tmp_path):
   folder and the fix, not an Orbax message (nor a best silently replaced)."""
   loop.KeepBest(str(tmp_path)).save(3, _toy_state(3), {'loss': 1.0})
   (tmp_path / 'best' / '3' / 'metrics' / 'metrics').write_text('{"loss": 1')
-  with pytest.raises(ValueError, match=r'best holds a kept best that cannot be read .*remove '):
+  with pytest.raises(ValueError,
+                     match=r'best holds a kept best that cannot be read .*move it away'):
     loop.KeepBest(str(tmp_path))
   (tmp_path / 'best' / '3' / 'metrics' / 'metrics').write_text('{"loss": 1.0}')
   keep = loop.KeepBest(str(tmp_path))
@@ -139,6 +140,17 @@ def test_keep_best_adopts_the_layout_of_earlier_versions(tmp_path):
   assert sorted(os.listdir(best_dir)) == ['30']
   np.testing.assert_array_equal(keep.restore(_toy_state(0.0)).params['w'], [7, 7])
   assert not keep.is_better({'loss': 0.5}) and keep.is_better({'loss': 0.1})
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+  """A checkpoint folder that lost its contents (a partial copy) is one error naming it."""
+  _run_toy(tmp_path)
+  shutil.rmtree(tmp_path / 'checkpoints' / '6' / 'default')
+  state, _ = _toy()
+  checkpoints = loop.Checkpoints(str(tmp_path), 2, 10, 'toy', 'Try less.')
+  with pytest.raises(ValueError, match=r'checkpoints/6 cannot be restored .*move it away'):
+    checkpoints.restore_or_init(lambda: state, (),
+                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path):

@@ -274,8 +274,9 @@ class KeepBest:
 
   def _unreadable(self, error: Exception) -> ValueError:
     return ValueError(f'{self.directory} holds a kept best that cannot be read '
-                      f'({type(error).__name__}: {str(error)[:300]}); remove {self.directory} '
-                      f'and rerun: the final state is then validated and kept as the best')
+                      f'({type(error).__name__}: {str(error)[:300]}); if it is damaged, move '
+                      f'it away and rerun: the final state is then validated and kept as the '
+                      f'best')
 
   def _adopt_legacy(self) -> None:
     """Moves a best kept by earlier versions (best/best.json naming best/params_<step>) into

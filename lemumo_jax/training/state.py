@@ -123,7 +123,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
   step = manager.latest_step()
   if step is None:
     return None
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    path = os.path.join(str(manager.directory), str(step))
+    raise ValueError(f'checkpoint {path} cannot be restored ({type(e).__name__}: '
+                     f'{str(e)[:300]}); if that folder is damaged (e.g. a partial copy), move '
+                     f'it away to resume from the checkpoint before it') from e
 
 
 def restore_or_init(manager: ocp.CheckpointManager, init_fn, init_args: tuple,
