@@ -269,7 +269,7 @@ class KeepBest:
       if step is None and self.manager.all_steps():  # Orbax ranks no step without metrics
         raise ValueError(f'no readable metrics in step(s) {self.manager.all_steps()}')
       self.best = None if step is None else {'step': step, 'metrics': self.manager.metrics(step)}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except state_lib.UNREADABLE as e:
       raise self._unreadable(e) from e
 
   def _unreadable(self, error: Exception) -> ValueError:
@@ -327,7 +327,7 @@ class KeepBest:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     try:
       restored = self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except state_lib.UNREADABLE as e:
       raise self._unreadable(e) from e
     return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 

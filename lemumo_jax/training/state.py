@@ -118,6 +118,10 @@ def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
   return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
 
 
+# What an Orbax read of a damaged folder raises (a lost item, truncated JSON, a partial copy).
+UNREADABLE = (OSError, ValueError, KeyError, TypeError)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
   """The latest checkpointed state with the shardings of `abstract_state`, or None."""
   step = manager.latest_step()
@@ -125,7 +129,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
     return None
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except UNREADABLE as e:
     path = os.path.join(str(manager.directory), str(step))
     raise ValueError(f'checkpoint {path} cannot be restored ({type(e).__name__}: '
                      f'{str(e)[:300]}); if that folder is damaged (e.g. a partial copy), move '
