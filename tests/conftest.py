@@ -93,6 +93,22 @@ TINY_FINETUNE_FLAGS = _flags(
     'finetune.checkpoint_every finetune.decoder_hidden')
 
 
+def killed_and_unbroken(flags: list[str], env: dict[str, str], tmp_path, kill_at: str):
+  """`python -m lemumo_jax.main --config=configs/synthetic.py <flags>` in tmp_path/killed,
+  SIGKILLed as soon as killed/<kill_at> exists and rerun, and in tmp_path/unbroken: the two
+  finished runs (CompletedProcess, each checked to exit 0)."""
+  def command(workdir):
+    return [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
+            f'--workdir={workdir}', *flags]
+
+  kill_when_exists(command(tmp_path / 'killed'), env, tmp_path / 'killed' / kill_at)
+  runs = [subprocess.run(command(tmp_path / name), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600) for name in ('killed', 'unbroken')]
+  for run in runs:
+    assert run.returncode == 0, run.stderr[-3000:]
+  return runs
+
+
 def kill_when_exists(command: list[str], env: dict[str, str], path, timeout: float = 300) -> None:
   """Runs `command` and SIGKILLs it as soon as `path` (e.g. a checkpoint folder) exists."""
   with tempfile.TemporaryFile('w+') as log:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic, waymo
-from tests.conftest import REPO, TINY_FLAGS, kill_when_exists, tiny_config, xla_flags
+from tests.conftest import REPO, TINY_FLAGS, killed_and_unbroken, tiny_config, xla_flags
 from lemumo_jax import modes
 from lemumo_jax.training import pretrain
 from lemumo_jax.training import state as state_lib
@@ -168,23 +168,12 @@ def test_four_devices_match_one_device(python_env, tmp_path):
 def test_kill_and_rerun_resumes_from_last_checkpoint(python_env, tmp_path):
   """SIGKILL mid-run, rerun the same command: it resumes and ends where an unbroken run ends."""
   steps = 60
-  flags = [*TINY_FLAGS, f'--config.train.num_steps={steps}', '--config.train.checkpoint_every=5']
-
-  def command(workdir):
-    return [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
-            f'--workdir={workdir}', *flags]
-
-  killed = tmp_path / 'killed'
-  kill_when_exists(command(killed), python_env, killed / 'checkpoints' / '10')
-  resumed = subprocess.run(command(killed), cwd=REPO, env=python_env, capture_output=True,
-                           text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  resumed, unbroken = killed_and_unbroken(
+      [*TINY_FLAGS, f'--config.train.num_steps={steps}', '--config.train.checkpoint_every=5'],
+      python_env, tmp_path, 'checkpoints/10')
   assert 'Resuming pretraining from step' in resumed.stdout
   resumed_at = int(resumed.stdout.split('Resuming pretraining from step ')[1].split()[0])
   assert 10 <= resumed_at < steps
-  unbroken = subprocess.run(command(tmp_path / 'unbroken'), cwd=REPO, env=python_env,
-                            capture_output=True, text=True, timeout=600)
-  assert unbroken.returncode == 0, unbroken.stderr[-3000:]
 
   def final_loss(stdout):
     line = [l for l in stdout.splitlines() if l.startswith(f'step {steps}/{steps}')][-1]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (REPO, TINY_FLAGS, TINY_PROBE_FLAGS, kill_when_exists, tiny_config,
+from conftest import (REPO, TINY_FLAGS, TINY_PROBE_FLAGS, killed_and_unbroken, tiny_config,
                       xla_flags)
 from lemumo_jax.data import geometry, pipeline, synthetic
 from lemumo_jax.evaluation import metrics, report, robustness
@@ -501,24 +501,12 @@ def test_probe_on_four_devices_matches_one(python_env, tmp_path):
 def test_probe_killed_and_rerun_reports_what_an_unbroken_run_reports(python_env, tmp_path):
   """SIGKILL mid-probe (validations and checkpoints every 5 steps, so after a kept best), then
   the same command: it resumes and reports bitwise what an unbroken run reports."""
-  steps = 40
-  flags = [*TINY_FLAGS, *TINY_PROBE_FLAGS, '--config.mode=probe', '--config.probe.encoder=random',
-           f'--config.probe.num_steps={steps}', '--config.probe.val_every=5',
-           '--config.probe.checkpoint_every=5', '--config.probe.robustness=()']
-
-  def command(workdir):
-    return [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
-            f'--workdir={workdir}', *flags]
-
-  killed = tmp_path / 'killed'
-  kill_when_exists(command(killed), python_env, killed / 'probe_random' / 'checkpoints' / '10')
-  resumed = subprocess.run(command(killed), cwd=REPO, env=python_env, capture_output=True,
-                           text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  resumed, _ = killed_and_unbroken(
+      [*TINY_FLAGS, *TINY_PROBE_FLAGS, '--config.mode=probe', '--config.probe.encoder=random',
+       '--config.probe.num_steps=40', '--config.probe.val_every=5',
+       '--config.probe.checkpoint_every=5', '--config.probe.robustness=()'],
+      python_env, tmp_path, 'probe_random/checkpoints/10')
   assert 'Resuming probes from step' in resumed.stdout, resumed.stdout[-3000:]
-  unbroken = subprocess.run(command(tmp_path / 'unbroken'), cwd=REPO, env=python_env,
-                            capture_output=True, text=True, timeout=600)
-  assert unbroken.returncode == 0, unbroken.stderr[-3000:]
   reports = [json.loads((tmp_path / name / 'probe_random' / 'report.json').read_text())
              for name in ('killed', 'unbroken')]
   assert reports[0]['metrics'] == reports[1]['metrics']
