@@ -23,9 +23,12 @@ in <out_dir>/<row>[_<kind>]_seed<seed> as:
   <row>:transfer   --config=<config>:<row>,transfer (frozen probes, V = 1, no local crops) on
                    the encoder <transfer_from>/<row>_seed<seed>/encoder
   <row>:finetune   --config=<config>:<row>,finetune (mode=finetune) from that encoder
-A rerun skips runs whose report exists and resumes unfinished ones from their checkpoints. With
---profile (default), each pretrained row also runs mode=profile for the compute columns (Table
-6 runs only that: --table=6 trains nothing):
+A rerun skips runs whose report exists and resumes unfinished ones from their checkpoints. Each
+workdir records the arguments it was made with (--config, the flags after --, --transfer_from;
+runs.INVOCATION_FILE): a rerun with others is refused before anything runs, naming them, except
+the flags a resumed run may change (logging, checkpoint cadence, loaders, the probe report's
+extras: runs.resumable_flags). With --profile (default), each pretrained row also runs
+mode=profile for the compute columns (Table 6 runs only that: --table=6 trains nothing):
   Time (min)     Table 6's estimated encoder-training time (median step x schedule steps)
   SSL PFLOPs     XLA FLOPs of the train step x schedule steps
   Memory (GB)    the device's peak memory; on a CPU (no device peak) XLA's static estimate of
@@ -51,6 +54,7 @@ from absl import app, flags
 import numpy as np
 
 from benchmarks import claims
+from benchmarks import runs
 from benchmarks.runs import (FINETUNE, FROZEN, REPO, TRANSFER, paired_summary,
                              report_path, run_command, run_dir, split_row)
 from configs import common
@@ -168,10 +172,10 @@ def commands(config: str, row: str, seed: str, workdir: str, extra: Sequence[str
     if kind == TRANSFER:
       return [main + ['--config.mode=probe', f'--config.probe.encoder_dir={encoder}']]
     return [main + ['--config.mode=finetune', f'--config.finetune.encoder_dir={encoder}']]
-  runs = [main + ['--config.mode=pretrain_probe']]
+  calls = [main + ['--config.mode=pretrain_probe']]
   if profile:
-    runs.append(main + ['--config.mode=profile'])
-  return runs
+    calls.append(main + ['--config.mode=profile'])
+  return calls
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -381,6 +385,17 @@ def main(argv):
 
   pending = [(row, seed) for row in rows for seed in seeds if not done(row, seed)]
   _check_transfer_encoders(pending, _TRANSFER_FROM.value)
+
+  def made_with(row):
+    transfer = split_row(row)[1] in (TRANSFER, FINETUNE)
+    return runs.invocation(_CONFIG.value, extra, _TRANSFER_FROM.value if transfer else None)
+
+  unrecorded = runs.check_invocations([(run_dir(out_dir, row, seed), made_with(row))
+                                       for row in rows for seed in seeds])
+  if unrecorded:
+    print(f'{len(unrecorded)} run(s) predate the record of the arguments they were made with '
+          f'({runs.INVOCATION_FILE}), so whether they match this call\'s is not checked: '
+          f'{", ".join(os.path.basename(w) for w in unrecorded)}', flush=True)
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   # Seed-major for the claims (every row of seed 0 first: a paired comparison grows by whole
   # seeds), row-major otherwise.
@@ -391,6 +406,7 @@ def main(argv):
     if (row, seed) not in pending:
       print(f'[{row} seed {seed}] done earlier: {workdir}', flush=True)
       continue
+    runs.record_invocation(workdir, made_with(row))
     for cmd in commands(_CONFIG.value, row, seed, workdir, extra, _PROFILE.value,
                         _TRANSFER_FROM.value, compute_only):
       run_command(cmd, f'{row} seed {seed}', env)

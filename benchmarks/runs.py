@@ -1,5 +1,6 @@
 """The run layout paper_tables and claims share: one lemumo_jax.main workdir per (row, seed)
-under an --out_dir, where its report lies, running it, and the paired seed statistics."""
+under an --out_dir, where its report lies, the flags that made it, running it, and the paired
+seed statistics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from lemumo_jax import files
 
 FROZEN, TRANSFER, FINETUNE = ':frozen', ':transfer', ':finetune'
 KINDS = ('', FROZEN, TRANSFER, FINETUNE)
@@ -34,6 +37,111 @@ def run_dir(out_dir: str, row: str, seed: str) -> str:
 def report_path(workdir: str, row: str) -> str:
   stage = {'': 'probe', FROZEN: 'probe_random', TRANSFER: 'probe', FINETUNE: 'finetune'}
   return os.path.join(workdir, stage[split_row(row)[1]], 'report.json')
+
+
+# Each workdir records the paper_tables arguments its runs were made with. A finished run is
+# skipped on a rerun, so without the record a rerun with other flags (another probe schedule,
+# say) would put runs of two settings into one table, or pair them in a claim, silently.
+INVOCATION_FILE = 'paper_tables_args.json'
+
+
+def invocation(config: str, extra: Sequence[str],
+               transfer_from: str | None = None) -> dict[str, Any]:
+  """What a run's numbers depend on from the paper_tables call that made it: the --config
+  file, the flags passed to lemumo_jax.main (after --) and, for ':transfer' / ':finetune'
+  rows, the --transfer_from out_dir."""
+  record = {'config': os.path.normpath(config), 'extra': list(extra)}
+  if transfer_from:
+    record['transfer_from'] = os.path.abspath(transfer_from)
+  return record
+
+
+def _flag_values(extra: Sequence[str]) -> dict[str, str]:
+  """['--config.a=1', '--config.b', '2', '--x'] -> {'config.a': '1', 'config.b': '2', 'x': ''}
+  (the last value of a repeated flag wins, as in absl)."""
+  values, i = {}, 0
+  while i < len(extra):
+    arg = extra[i]
+    name, sep, value = arg.lstrip('-').partition('=')
+    if not sep and i + 1 < len(extra) and not extra[i + 1].startswith('-'):
+      value, i = extra[i + 1], i + 1
+    values[name] = value
+    i += 1
+  return values
+
+
+def resumable_flags() -> tuple[str, ...]:
+  """config keys (dotted, 'train.log_every') that change how lemumo_jax.main runs, not what
+  it computes: the keys its stages let a resumed run change."""
+  from lemumo_jax.training import finetune, pretrain, probe  # imports jax: only when needed
+  return (*pretrain.RESUMABLE, *probe.RESUMABLE, *finetune.RESUMABLE)
+
+
+def invocation_changes(recorded: Mapping[str, Any], current: Mapping[str, Any],
+                       resumable: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(refused, allowed): 'what: old -> new' for each difference between two invocation()
+  records; allowed are the --config.<key> flags with a key in `resumable`."""
+  refused, allowed = [], []
+  for key in ('config', 'transfer_from'):
+    if recorded.get(key) != current.get(key):
+      refused.append(f'--{key}: {recorded.get(key)!r} -> {current.get(key)!r}')
+  old, new = _flag_values(recorded.get('extra', ())), _flag_values(current.get('extra', ()))
+  for name in sorted(set(old) | set(new)):
+    if old.get(name) != new.get(name):
+      key = name.removeprefix('config.')
+      change = f'--{name}: {old.get(name, "<not given>")!r} -> {new.get(name, "<not given>")!r}'
+      (allowed if name.startswith('config.') and key in resumable else refused).append(change)
+  return refused, allowed
+
+
+def check_invocations(made: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+  """made: (workdir, its invocation() now) pairs. Before anything runs: SystemExit naming the
+  workdir and each changed flag when a run was made with other arguments; returns the
+  workdirs that hold a run but no record (made before paper_tables kept one: their flags
+  cannot be checked)."""
+  unrecorded, resumable = [], None
+  for workdir, current in made:
+    if not holds_run(workdir):
+      continue
+    recorded = read_invocation(workdir)
+    if recorded is None:
+      unrecorded.append(workdir)
+      continue
+    if resumable is None:
+      resumable = resumable_flags()
+    refused, _ = invocation_changes(recorded, current, resumable)
+    if refused:
+      raise SystemExit(
+          f'{workdir} was made by paper_tables with other arguments ({"; ".join(refused)}). '
+          f'A finished run is not run again, so it would be tabled beside runs of these '
+          f'arguments: pass the same ones, or use another --out_dir')
+  return unrecorded
+
+
+def holds_run(workdir: str) -> bool:
+  """Whether anything but the record is there (a call that failed before its run wrote a thing,
+  a mistyped flag say, leaves a record the next call may replace)."""
+  return os.path.isdir(workdir) and bool(set(os.listdir(workdir)) - {INVOCATION_FILE})
+
+
+def read_invocation(workdir: str) -> dict[str, Any] | None:
+  return files.read_json(os.path.join(workdir, INVOCATION_FILE),
+                         f'it records the paper_tables arguments the run in {workdir} was made '
+                         f'with; restore it, or remove the run')
+
+
+def record_invocation(workdir: str, current: Mapping[str, Any]) -> None:
+  """Before a run starts (or resumes): the arguments it is made with, by atomic rename. Only
+  resume-compatible changes can reach here (check_invocations); they are printed."""
+  recorded = read_invocation(workdir) if holds_run(workdir) else None
+  if recorded == dict(current):
+    return
+  if recorded is not None:
+    _, allowed = invocation_changes(recorded, current, resumable_flags())
+    print(f'{workdir}: resuming with changed settings (resume-compatible): '
+          f'{"; ".join(allowed)}', flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  files.write_json_atomic(os.path.join(workdir, INVOCATION_FILE), dict(current))
 
 
 def paired_summary(gains: Sequence[float]) -> dict[str, Any]:

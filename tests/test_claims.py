@@ -237,6 +237,9 @@ def test_claims_command_end_to_end(python_env, tmp_path):
   text = (tmp_path / 'claims.md').read_text()
   assert 'Measured with --config=configs/synthetic.py at commit' in text
   _check_tables(json.loads((tmp_path / 'tables.json').read_text()), len(claims.ROWS))
+  for row in claims.ROWS:  # the arguments every run was made with, for the rerun's check
+    assert runs.read_invocation(runs.run_dir(str(tmp_path), row, '0')) == runs.invocation(
+        'configs/synthetic.py', tail[1:])
   again = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
                          timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]

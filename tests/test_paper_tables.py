@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import paper_tables
+from benchmarks import paper_tables, runs
 from conftest import REPO, TINY_FINETUNE_FLAGS, TINY_FLAGS, TINY_PROBE_FLAGS
 
 
@@ -187,6 +187,76 @@ def test_markdown_setting_column_and_compute_only():
   assert lines[2] == '| Le MuMo JEPA | 55.09 | 86 | 12.110 |'
 
 
+# ------------------------------------------------------------- the arguments a run was made with
+
+
+def test_invocation_changes_name_each_flag_and_allow_only_resumable_ones():
+  resumable = runs.resumable_flags()
+  assert {'train.log_every', 'probe.checkpoint_every', 'data.num_threads',
+          'finetune.patience'} <= set(resumable)
+  made = runs.invocation('configs/synthetic.py', ['--config.probe.num_steps=8',
+                                                  '--config.train.log_every', '4'])
+  # The same arguments written another way: a normalised path, '--k v' for '--k=v'.
+  same = runs.invocation('./configs//synthetic.py', ['--config.train.log_every=4',
+                                                     '--config.probe.num_steps', '8'])
+  assert runs.invocation_changes(made, same, resumable) == ([], [])
+  refused, allowed = runs.invocation_changes(
+      made, runs.invocation('configs/synthetic.py', ['--config.probe.num_steps=16',
+                                                     '--config.train.log_every=9',
+                                                     '--config.optim.lr=0.001']), resumable)
+  assert refused == ["--config.optim.lr: '<not given>' -> '0.001'",
+                     "--config.probe.num_steps: '8' -> '16'"]
+  assert allowed == ["--config.train.log_every: '4' -> '9'"]
+  # Another config file, another transfer source, a flag dropped: refused (a dropped cadence
+  # flag is allowed).
+  refused, allowed = runs.invocation_changes(
+      made, runs.invocation('configs/waymo.py', [], '/runs/a'), resumable)
+  assert refused == ["--config: 'configs/synthetic.py' -> 'configs/waymo.py'",
+                     "--transfer_from: None -> '/runs/a'",
+                     "--config.probe.num_steps: '8' -> '<not given>'"]
+  assert allowed == ["--config.train.log_every: '4' -> '<not given>'"]
+  # The last of a repeated flag counts, as in absl; a bare flag has an empty value.
+  assert runs._flag_values(['--config.a=1', '--config.a=2', '--b', '--c', 'x']) == {
+      'config.a': '2', 'b': '', 'c': 'x'}
+
+
+def test_runs_made_with_other_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+  made = runs.invocation('configs/synthetic.py', ['--config.probe.num_steps=8'])
+  recorded, legacy, fresh = (str(tmp_path / n) for n in ('lemumo_seed0', 'lemumo_seed1',
+                                                          'lemumo_seed2'))
+  runs.record_invocation(recorded, made)
+  with open(tmp_path / 'lemumo_seed0' / runs.INVOCATION_FILE) as f:
+    assert json.load(f) == {'config': 'configs/synthetic.py',
+                            'extra': ['--config.probe.num_steps=8']}
+  for name in ('lemumo_seed0', 'lemumo_seed1'):  # a run's first file
+    (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / name / 'config.json').write_text('{}')
+  pairs = [(recorded, made), (legacy, made), (fresh, made)]
+  assert runs.check_invocations(pairs) == [legacy]  # a run without a record is reported
+  other = runs.invocation('configs/synthetic.py', ['--config.probe.num_steps=16'])
+  with pytest.raises(SystemExit) as e:
+    runs.check_invocations([(fresh, other), (recorded, other)])
+  assert recorded in str(e.value) and "--config.probe.num_steps: '8' -> '16'" in str(e.value)
+  # A resume-compatible change passes, is printed and becomes the record.
+  cadence = runs.invocation('configs/synthetic.py', ['--config.probe.num_steps=8',
+                                                     '--config.probe.log_every=2'])
+  assert runs.check_invocations([(recorded, cadence)]) == []
+  runs.record_invocation(recorded, cadence)
+  assert "--config.probe.log_every: '<not given>' -> '2'" in capsys.readouterr().out
+  assert runs.read_invocation(recorded) == cadence
+  # A record with no run beside it (the call failed before its run wrote anything, a mistyped
+  # flag say) is replaced, not held against the next call.
+  runs.record_invocation(fresh, other)
+  assert runs.check_invocations([(fresh, made)]) == []
+  runs.record_invocation(fresh, made)
+  assert runs.read_invocation(fresh) == made and 'changed settings' not in capsys.readouterr().out
+  # A truncated record is one error naming the file.
+  path = tmp_path / 'lemumo_seed0' / runs.INVOCATION_FILE
+  path.write_text(path.read_text()[:10])
+  with pytest.raises(ValueError, match=str(path)):
+    runs.check_invocations([(recorded, cadence)])
+
+
 def test_table_flags_fail_clearly(python_env, tmp_path):
   """Table 5's transfer rows without --transfer_from, or with no encoders there, stop before
   anything runs; --table, --rows and --claims are refused together."""
@@ -206,6 +276,18 @@ def test_table_flags_fail_clearly(python_env, tmp_path):
   proc = subprocess.run(base[:3] + ['--claims', '--rows=lemumo', f'--out_dir={tmp_path}'],
                         cwd=REPO, env=python_env, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'give one of --table, --rows and --claims' in proc.stderr
+  # A finished run made with another probe schedule: refused before anything runs.
+  done = tmp_path / 'tables' / 'lemumo_seed0'
+  runs.record_invocation(str(done), runs.invocation('configs/synthetic.py',
+                                                    ['--config.probe.num_steps=8']))
+  (done / 'config.json').write_text('{}')
+  proc = subprocess.run(base[:3] + ['--rows=lemumo', '--seeds=0,1', '--profile=false',
+                                    f'--out_dir={tmp_path / "tables"}', '--',
+                                    '--config.probe.num_steps=16'],
+                        cwd=REPO, env=python_env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and str(done) in proc.stderr
+  assert "--config.probe.num_steps: '8' -> '16'" in proc.stderr
+  assert sorted(p.name for p in (tmp_path / 'tables').iterdir()) == ['lemumo_seed0']
 
 
 @pytest.mark.slow

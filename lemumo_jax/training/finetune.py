@@ -36,7 +36,7 @@ from lemumo_jax.training import state as state_lib
 GROUPS = ('encoder', 'head')   # param groups, each with its own learning rate
 SELECT_BY = ('loss', 'mAP50')  # lowest loss, highest mAP50
 # Changing these between a run and its resumption changes nothing that was computed.
-_RESUMABLE_KEYS = ('log_every', 'checkpoint_every', 'patience')
+RESUMABLE = ('finetune.log_every', 'finetune.checkpoint_every', 'finetune.patience')
 
 
 # -------------------------------------------------------------------------------- optimizer
@@ -117,7 +117,7 @@ def make_eval_step(encoder, heads_module, view_cfg: augment.ViewConfig):
 def check_run_config(finetune_dir: str, config: ml_collections.ConfigDict, encoder_dir: str,
                      encoder_params) -> None:
   """Records finetune/config.json on a fresh run; a resumed one must match it (the encoder it
-  started from included), except _RESUMABLE_KEYS."""
+  started from included), except RESUMABLE."""
   loop.check_run_config(
       os.path.join(finetune_dir, 'config.json'),
       {'encoder_dir': encoder_dir,
@@ -126,7 +126,7 @@ def check_run_config(finetune_dir: str, config: ml_collections.ConfigDict, encod
        'finetune': {k: v for k, v in config.finetune.items() if k != 'encoder_dir'},
        'probe.image_size': config.probe.image_size, 'data': config.data,
        'dataset_identity': sources.dataset_identity(config.data)},
-      resumable=tuple(f'finetune.{k}' for k in _RESUMABLE_KEYS),
+      resumable=RESUMABLE,
       fix='use a new --workdir, or set those values back to resume it')
 
 
