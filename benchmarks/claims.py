@@ -8,8 +8,14 @@ and then this module's `evaluate`, which reads nothing but the runs' own files:
                metric's direction, positive = A better), their mean and two-sided 95%
                t-interval (n - 1 degrees of freedom). holds: the interval lies above 0;
                contradicted: below 0; tie: it straddles 0.
-  within_noise row A is within seed noise of row B on every listed metric: holds when every
-               metric's interval straddles 0, contradicted (naming the metric) otherwise.
+  within_noise row A is within seed noise of row B on every listed metric. The noise of a
+               metric is the seed-to-seed spread of one run, pooled over the two rows:
+               sqrt((s_A^2 + s_B^2) / 2), s the standard deviation (ddof 1) over the paired
+               seeds. holds: every interval straddles 0 and every mean gain is within the
+               noise; contradicted (naming the metric): an interval excludes 0; inconclusive
+               (naming it): no interval excludes 0 but a mean gain exceeds the noise. With few
+               seeds an interval straddles 0 whatever the gap, so the interval alone would
+               call any gap noise.
   fraction     row A costs less than row B (SSL FLOPs of the whole schedule, profile.json):
                holds when A / B < 1 in every seed.
 A verdict needs two seeds or more ('too few seeds' otherwise): no claim is read off one draw.
@@ -25,6 +31,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from benchmarks import runs
 from lemumo_jax import files
@@ -106,6 +114,17 @@ def metric_value(key: str, seed: str, row: str, reports: Mapping[tuple[str, str]
   return float('nan') if value is None else float(value)
 
 
+def seed_noise(claim: Claim, key: str, seeds, reports, analyses) -> float:
+  """The pooled seed std of a metric over the seeds where both rows have it (within_noise)."""
+  pairs = [(metric_value(key, s, claim.row, reports, analyses),
+            metric_value(key, s, claim.versus, reports, analyses)) for s in seeds]
+  pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+  if len(pairs) < 2:
+    return float('nan')
+  a, b = np.asarray(pairs, np.float64).T
+  return float(np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2))
+
+
 def _higher_is_better(key: str) -> bool:
   return key in ANALYSIS_METRICS or _COLUMNS[key].higher_is_better
 
@@ -155,10 +174,20 @@ def evaluate(claims: Sequence[Claim], seeds: Sequence[str],
       low, high = summary['ci95']
       entry['verdict'] = 'holds' if low > 0 else 'contradicted' if high < 0 else 'tie'
     elif claim.kind == 'within_noise':
+      for key, summary in summaries.items():
+        summary['noise'] = seed_noise(claim, key, seeds, reports, analyses)
       outside = [k for k, s in summaries.items() if s['ci95'][0] > 0 or s['ci95'][1] < 0]
-      entry['verdict'] = 'holds' if not outside else 'contradicted (' + ', '.join(
-          f'{metric_title(k)}: {claim.row} {"better" if summaries[k]["mean"] > 0 else "worse"}'
-          for k in outside) + ')'
+      beyond = [k for k, s in summaries.items() if not abs(s['mean']) <= s['noise']]
+      if outside:
+        entry['verdict'] = 'contradicted (' + ', '.join(
+            f'{metric_title(k)}: {claim.row} {"better" if summaries[k]["mean"] > 0 else "worse"}'
+            for k in outside) + ')'
+      elif beyond:
+        entry['verdict'] = 'inconclusive (' + ', '.join(
+            f'{metric_title(k)}: mean gap {abs(summaries[k]["mean"]):.{_digits(k)}f} > seed '
+            f'noise {summaries[k]["noise"]:.{_digits(k)}f}' for k in beyond) + ')'
+      else:
+        entry['verdict'] = 'holds'
     else:
       raise ValueError(f'claim {claim.text!r}: unknown kind {claim.kind!r}')
     out.append(entry)
@@ -180,7 +209,10 @@ def _summary_cell(summary: dict[str, Any], digits: int) -> str:
   low, high = summary['ci95']
   if math.isfinite(low):
     text += f' [{low:+.{digits}f}, {high:+.{digits}f}]'
-  return text + f', {summary["wins"]}/{summary["seeds"]} seeds'
+  text += f', {summary["wins"]}/{summary["seeds"]} seeds'
+  if 'noise' in summary and math.isfinite(summary['noise']):
+    text += f', seed noise {summary["noise"]:.{digits}f}'
+  return text
 
 
 def markdown(results: Sequence[dict[str, Any]], schedule: str) -> str:
@@ -201,7 +233,10 @@ def markdown(results: Sequence[dict[str, Any]], schedule: str) -> str:
   return ('\n'.join(lines) + '\n\n' + schedule + '\n\nGains are signed by the measure\'s '
           'direction (positive = the claim\'s first row is better); interval: two-sided 95% '
           't-interval of the mean over the paired seeds. holds / contradicted: the interval '
-          'excludes 0 on the claimed / the opposite side; tie: it straddles 0.\n')
+          'excludes 0 on the claimed / the opposite side; tie: it straddles 0. A within-noise '
+          'claim holds when every interval straddles 0 and every mean gap is within the seed '
+          'noise (the pooled seed std of the two rows); it is inconclusive when no interval '
+          'excludes 0 but a gap exceeds the noise.\n')
 
 
 def claim_rows(result: dict[str, Any]) -> str:

@@ -82,6 +82,26 @@ def test_within_noise_and_fraction():
   (xy_only,) = claims.evaluate([claims.Claim('n', 'T2', 'within_noise', 'lemumo', 'ft_persistent',
                                              ('mAP_XY',))], SEEDS, reports, {}, {})
   assert xy_only['verdict'] == 'holds'
+  # No interval excludes 0, but the mean gap (0.5 m) is bigger than one seed's spread: the
+  # interval alone would call it noise.
+  reports = _reports({'lemumo': {'depth_MAE': [1.0, 1.6, 1.0, 1.6]},
+                      'ft_persistent': {'depth_MAE': [2.1, 1.5, 2.1, 1.5]}})
+  depth = claims.Claim('n', 'T2', 'within_noise', 'lemumo', 'ft_persistent', ('depth_MAE',))
+  (result,) = claims.evaluate([depth], SEEDS, reports, {}, {})
+  summary = result['metrics']['depth_MAE']
+  mean, low, high = interval([1.1, -0.1, 1.1, -0.1])
+  np.testing.assert_allclose([summary['mean'], *summary['ci95']], [mean, low, high], atol=1e-9)
+  assert low < 0 < high
+  a, b = np.array([1.0, 1.6, 1.0, 1.6]), np.array([2.1, 1.5, 2.1, 1.5])
+  noise = math.sqrt((((a - a.mean()) ** 2).sum() / 3 + ((b - b.mean()) ** 2).sum() / 3) / 2)
+  np.testing.assert_allclose(summary['noise'], noise, rtol=1e-12)
+  assert result['verdict'] == f'inconclusive (Depth MAE ↓: mean gap 0.500 > seed noise {noise:.3f})'
+  assert 'seed noise 0.346' in claims.markdown([result], 'S.')
+  # The same gap inside a wider spread is noise.
+  reports = _reports({'lemumo': {'depth_MAE': [1.0, 2.6, 1.0, 2.6]},
+                      'ft_persistent': {'depth_MAE': [3.1, 1.5, 3.1, 1.5]}})
+  (result,) = claims.evaluate([depth], SEEDS, reports, {}, {})
+  assert result['verdict'] == 'holds' and result['metrics']['depth_MAE']['noise'] > 0.5
   profiles = {(row, s): {'ssl_pflops_total': flops} for s in SEEDS
               for row, flops in (('lemumo', 2.0), ('ft_persistent', 5.0))}
   fraction = claims.Claim('f', 'T6', 'fraction', 'lemumo', 'ft_persistent')
