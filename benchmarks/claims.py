@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -262,7 +261,7 @@ def analyze_command(config: str, out_dir: str, seed: str, extra: Sequence[str]) 
 
 def schedule_note(out_dir: str, config: str, seeds: Sequence[str]) -> str:
   """What the claims were measured on: config, SSL and probe schedules (from the first seed's
-  Le MuMo run), seeds and the commit."""
+  Le MuMo run), seeds, the commits that made the runs and the one evaluating them."""
   workdir = runs.run_dir(out_dir, ANALYSIS_ROW, seeds[0])
   with open(os.path.join(workdir, 'config.json')) as f:
     cfg = json.load(f)
@@ -271,9 +270,16 @@ def schedule_note(out_dir: str, config: str, seeds: Sequence[str]) -> str:
   train, data = cfg['train'], cfg['data']
   ssl_steps = (train['num_steps'] if train['num_steps'] > 0 else
                train['num_epochs'] * (data['num_train'] // train['batch_size']))
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=runs.REPO,
-                          capture_output=True, text=True).stdout.strip() or 'unknown'
-  return (f'Measured with --config={config} at commit {commit}, seeds {", ".join(seeds)} '
+  made = {}  # commit -> runs, from each run's record (runs.record_invocation)
+  for row in ROWS:
+    for seed in seeds:
+      record = runs.read_invocation(runs.run_dir(out_dir, row, seed)) or {}
+      for commit in record.get('commits') or ['']:
+        made[commit] = made.get(commit, 0) + 1
+  provenance = ', '.join(f'{n} at commit {c}' if c else f'{n} made before runs recorded theirs'
+                         for c, n in sorted(made.items()))
+  return (f'Measured with --config={config}; runs: {provenance}; claims evaluated at commit '
+          f'{runs.git_commit()}; seeds {", ".join(seeds)} '
           f'(paired: every run of a seed has config.seed=<seed>). SSL: {ssl_steps} steps of '
           f'batch {train["batch_size"]} on {data["num_train"]} scenes of '
           f'{data["image_size"][0]}x{data["image_size"][1]} (model width '

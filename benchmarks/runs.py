@@ -130,18 +130,33 @@ def read_invocation(workdir: str) -> dict[str, Any] | None:
                          f'with; restore it, or remove the run')
 
 
+def git_commit() -> str:
+  """This checkout's short commit ('+' when it has uncommitted changes), or 'unknown'."""
+  def git(*args):
+    return subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True).stdout
+  commit = git('rev-parse', '--short', 'HEAD').strip()
+  if not commit:
+    return 'unknown'
+  return commit + ('+' if git('status', '--porcelain', '--untracked-files=no').strip() else '')
+
+
 def record_invocation(workdir: str, current: Mapping[str, Any]) -> None:
-  """Before a run starts (or resumes): the arguments it is made with, by atomic rename. Only
-  resume-compatible changes can reach here (check_invocations); they are printed."""
+  """Before a run starts (or resumes): the arguments it is made with and, under 'commits', the
+  commit of every checkout that worked on it, by atomic rename. Only resume-compatible changes
+  can reach here (check_invocations); they are printed."""
   recorded = read_invocation(workdir) if holds_run(workdir) else None
-  if recorded == dict(current):
+  commits = list((recorded or {}).get('commits', []))
+  commit = git_commit()
+  updated = dict(current, commits=commits + [commit] * (commit not in commits))
+  if recorded == updated:
     return
   if recorded is not None:
     _, allowed = invocation_changes(recorded, current, resumable_flags())
-    print(f'{workdir}: resuming with changed settings (resume-compatible): '
-          f'{"; ".join(allowed)}', flush=True)
+    if allowed:
+      print(f'{workdir}: resuming with changed settings (resume-compatible): '
+            f'{"; ".join(allowed)}', flush=True)
   os.makedirs(workdir, exist_ok=True)
-  files.write_json_atomic(os.path.join(workdir, INVOCATION_FILE), dict(current))
+  files.write_json_atomic(os.path.join(workdir, INVOCATION_FILE), updated)
 
 
 def paired_summary(gains: Sequence[float]) -> dict[str, Any]:

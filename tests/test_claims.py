@@ -240,6 +240,7 @@ def test_claims_command_end_to_end(python_env, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
                         timeout=1500)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  commit = runs.git_commit()
   started = [l.split(']')[0] + ']' for l in proc.stdout.splitlines() if l.startswith('[')]
   assert started[:2] == ['[lemumo seed 0]', '[lemumo seed 0]']  # pretrain_probe, profile
   assert '[analyze seed 0]' in started
@@ -255,11 +256,12 @@ def test_claims_command_end_to_end(python_env, tmp_path):
   np.testing.assert_allclose(purity['gains'], [analysis['encoders'][0]['purity_10nn']
                                                - analysis['encoders'][1]['purity_10nn']])
   text = (tmp_path / 'claims.md').read_text()
-  assert 'Measured with --config=configs/synthetic.py at commit' in text
+  assert (f'Measured with --config=configs/synthetic.py; runs: {len(claims.ROWS)} at commit '
+          f'{commit}; claims evaluated at commit {commit}; seeds 0') in text
   _check_tables(json.loads((tmp_path / 'tables.json').read_text()), len(claims.ROWS))
-  for row in claims.ROWS:  # the arguments every run was made with, for the rerun's check
-    assert runs.read_invocation(runs.run_dir(str(tmp_path), row, '0')) == runs.invocation(
-        'configs/synthetic.py', tail[1:])
+  for row in claims.ROWS:  # the arguments and commit every run was made with
+    assert runs.read_invocation(runs.run_dir(str(tmp_path), row, '0')) == dict(
+        runs.invocation('configs/synthetic.py', tail[1:]), commits=[commit])
   again = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
                          timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]

@@ -220,14 +220,16 @@ def test_invocation_changes_name_each_flag_and_allow_only_resumable_ones():
       'config.a': '2', 'b': '', 'c': 'x'}
 
 
-def test_runs_made_with_other_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+def test_runs_made_with_other_arguments_are_refused_before_anything_runs(tmp_path, capsys,
+                                                                         monkeypatch):
   made = runs.invocation('configs/synthetic.py', ['--config.probe.num_steps=8'])
   recorded, legacy, fresh = (str(tmp_path / n) for n in ('lemumo_seed0', 'lemumo_seed1',
                                                           'lemumo_seed2'))
   runs.record_invocation(recorded, made)
   with open(tmp_path / 'lemumo_seed0' / runs.INVOCATION_FILE) as f:
     assert json.load(f) == {'config': 'configs/synthetic.py',
-                            'extra': ['--config.probe.num_steps=8']}
+                            'extra': ['--config.probe.num_steps=8'],
+                            'commits': [runs.git_commit()]}
   for name in ('lemumo_seed0', 'lemumo_seed1'):  # a run's first file
     (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / name / 'config.json').write_text('{}')
@@ -243,13 +245,19 @@ def test_runs_made_with_other_arguments_are_refused_before_anything_runs(tmp_pat
   assert runs.check_invocations([(recorded, cadence)]) == []
   runs.record_invocation(recorded, cadence)
   assert "--config.probe.log_every: '<not given>' -> '2'" in capsys.readouterr().out
-  assert runs.read_invocation(recorded) == cadence
+  assert runs.read_invocation(recorded) == dict(cadence, commits=[runs.git_commit()])
+  # A resume from another checkout adds its commit.
+  monkeypatch.setattr(runs, 'git_commit', lambda: 'abc1234')
+  runs.record_invocation(recorded, cadence)
+  assert runs.read_invocation(recorded)['commits'][1:] == ['abc1234']
+  monkeypatch.undo()
   # A record with no run beside it (the call failed before its run wrote anything, a mistyped
   # flag say) is replaced, not held against the next call.
   runs.record_invocation(fresh, other)
   assert runs.check_invocations([(fresh, made)]) == []
   runs.record_invocation(fresh, made)
-  assert runs.read_invocation(fresh) == made and 'changed settings' not in capsys.readouterr().out
+  assert runs.read_invocation(fresh) == dict(made, commits=[runs.git_commit()])
+  assert 'changed settings' not in capsys.readouterr().out
   # A truncated record is one error naming the file.
   path = tmp_path / 'lemumo_seed0' / runs.INVOCATION_FILE
   path.write_text(path.read_text()[:10])
