@@ -79,19 +79,14 @@ def resumable_flags() -> tuple[str, ...]:
 
 def invocation_changes(recorded: Mapping[str, Any], current: Mapping[str, Any],
                        resumable: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(refused, allowed): 'what: old -> new' for each difference between two invocation()
-  records; allowed are the --config.<key> flags with a key in `resumable`."""
-  refused, allowed = [], []
-  for key in ('config', 'transfer_from'):
-    if recorded.get(key) != current.get(key):
-      refused.append(f'--{key}: {recorded.get(key)!r} -> {current.get(key)!r}')
-  old, new = _flag_values(recorded.get('extra', ())), _flag_values(current.get('extra', ()))
-  for name in sorted(set(old) | set(new)):
-    if old.get(name) != new.get(name):
-      key = name.removeprefix('config.')
-      change = f'--{name}: {old.get(name, "<not given>")!r} -> {new.get(name, "<not given>")!r}'
-      (allowed if name.startswith('config.') and key in resumable else refused).append(change)
-  return refused, allowed
+  """(refused, allowed): '--flag: old -> new' for each difference between two invocation()
+  records (files.record_changes); allowed are the --config.<key> flags with a key in
+  `resumable`."""
+  def flags(record):
+    return {'--config': record.get('config'), '--transfer_from': record.get('transfer_from'),
+            **{f'--{k}': v for k, v in _flag_values(record.get('extra', ())).items()}}
+  return files.record_changes(flags(recorded), flags(current),
+                              resumable=[f'--config.{key}' for key in resumable])
 
 
 def check_invocations(made: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:

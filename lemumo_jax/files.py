@@ -1,11 +1,11 @@
-"""Atomic file writes: a reader (or a rerun after a kill) sees the old file or the new one,
-never half of one."""
+"""Atomic file writes (a reader, or a rerun after a kill, sees the old file or the new one,
+never half of one) and the comparison of a run's JSON record with a rerun's settings."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
@@ -51,3 +51,34 @@ def as_json(tree: Any) -> Any:
       return [plain(v) for v in x]
     return x
   return json.loads(json.dumps(plain(tree), default=float))
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def under(key: str, prefixes: Iterable[str]) -> bool:
+  """Whether dotted `key` is one of `prefixes` or inside one ('optim.lr' is under 'optim')."""
+  return any(key == p or key.startswith(p + '.') for p in prefixes)
+
+
+def record_changes(old: Mapping[str, Any], new: Mapping[str, Any], *,
+                   resumable: Iterable[str] = (),
+                   compared: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
+  """(refused, allowed): "key: old -> new" for each dotted key ('optim.lr') whose value differs
+  between two records (nested mappings, or flat ones with dotted keys; a missing key reads
+  '<absent>'), sorted by key. Only keys under `compared` (default: all) count; those under
+  `resumable` are allowed, the others refused."""
+  old, new = _flatten(old), _flatten(new)
+  resumable = tuple(resumable)
+  refused, allowed = [], []
+  for key in sorted(set(old) | set(new)):
+    before, after = old.get(key, '<absent>'), new.get(key, '<absent>')
+    if before != after and (compared is None or under(key, compared)):
+      (allowed if under(key, resumable) else refused).append(f'{key}: {before!r} -> {after!r}')
+  return refused, allowed

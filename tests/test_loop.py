@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from lemumo_jax import files
 from lemumo_jax.tasks import heads as heads_lib
 from lemumo_jax.training import loop, pretrain, probe
 from lemumo_jax.training import state as state_lib
@@ -247,6 +248,22 @@ def test_resume_compatible_changes_are_logged_and_recorded(tmp_path, capsys):
   assert 'Resuming with changed settings (resume-compatible): train.log_every: 1 -> 7' in (
       capsys.readouterr().out)
   assert json.loads((tmp_path / 'config.json').read_text())['train']['log_every'] == 7
+
+
+def test_record_changes_compare_dotted_keys_of_nested_and_flat_records():
+  old = {'optim': {'lr': 1e-3, 'b1': 0.9}, 'train': {'log_every': 1}, 'probe.image_size': [8, 8],
+         'data': {'num_threads': 2}}
+  new = {'optim': {'lr': 1e-3, 'b1': 0.95}, 'train': {'log_every': 7}, 'probe': {'image_size':
+         [8, 16]}, 'data': {'num_threads': 2, 'prefetch': 4}, 'seed': 1}
+  assert files.record_changes(old, old) == ([], [])
+  # A flat dotted key equals its nested form; a missing key reads '<absent>'; sorted by key.
+  assert files.record_changes(old, new, resumable=('train.log_every', 'data')) == (
+      ["optim.b1: 0.9 -> 0.95", "probe.image_size: [8, 8] -> [8, 16]",
+       "seed: '<absent>' -> 1"],
+      ["data.prefetch: '<absent>' -> 4", "train.log_every: 1 -> 7"])
+  # Only keys under `compared` count; 'optim' does not cover 'optimizer'.
+  assert files.record_changes({'optimizer': 1, 'optim': {'lr': 1}}, {'optimizer': 2, 'optim':
+                              {'lr': 2}}, compared=('optim',)) == (['optim.lr: 1 -> 2'], [])
 
 
 def test_a_truncated_record_is_named(tmp_path):

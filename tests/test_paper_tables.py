@@ -204,7 +204,7 @@ def test_invocation_changes_name_each_flag_and_allow_only_resumable_ones():
       made, runs.invocation('configs/synthetic.py', ['--config.probe.num_steps=16',
                                                      '--config.train.log_every=9',
                                                      '--config.optim.lr=0.001']), resumable)
-  assert refused == ["--config.optim.lr: '<not given>' -> '0.001'",
+  assert refused == ["--config.optim.lr: '<absent>' -> '0.001'",
                      "--config.probe.num_steps: '8' -> '16'"]
   assert allowed == ["--config.train.log_every: '4' -> '9'"]
   # Another config file, another transfer source, a flag dropped: refused (a dropped cadence
@@ -212,9 +212,9 @@ def test_invocation_changes_name_each_flag_and_allow_only_resumable_ones():
   refused, allowed = runs.invocation_changes(
       made, runs.invocation('configs/waymo.py', [], '/runs/a'), resumable)
   assert refused == ["--config: 'configs/synthetic.py' -> 'configs/waymo.py'",
-                     "--transfer_from: None -> '/runs/a'",
-                     "--config.probe.num_steps: '8' -> '<not given>'"]
-  assert allowed == ["--config.train.log_every: '4' -> '<not given>'"]
+                     "--config.probe.num_steps: '8' -> '<absent>'",
+                     "--transfer_from: None -> '/runs/a'"]
+  assert allowed == ["--config.train.log_every: '4' -> '<absent>'"]
   # The last of a repeated flag counts, as in absl; a bare flag has an empty value.
   assert runs._flag_values(['--config.a=1', '--config.a=2', '--b', '--c', 'x']) == {
       'config.a': '2', 'b': '', 'c': 'x'}
@@ -244,7 +244,7 @@ def test_runs_made_with_other_arguments_are_refused_before_anything_runs(tmp_pat
                                                      '--config.probe.log_every=2'])
   assert runs.check_invocations([(recorded, cadence)]) == []
   runs.record_invocation(recorded, cadence)
-  assert "--config.probe.log_every: '<not given>' -> '2'" in capsys.readouterr().out
+  assert "--config.probe.log_every: '<absent>' -> '2'" in capsys.readouterr().out
   assert runs.read_invocation(recorded) == dict(cadence, commits=[runs.git_commit()])
   # A resume from another checkout adds its commit.
   monkeypatch.setattr(runs, 'git_commit', lambda: 'abc1234')

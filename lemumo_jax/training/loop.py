@@ -97,22 +97,9 @@ def check_names(values: Any, key: str, choices: Iterable[str]) -> tuple[str, ...
 # ---------------------------------------------------------------------- run config record
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, Mapping):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    return out
-  return {prefix[:-1]: tree}
-
-
 # Input-pipeline knobs: how fast the data arrives, never which batches (batch i is a function of
 # the seed and i), so a resumed pretraining or probe run may change them.
 LOADER_KEYS = ('data.num_threads', 'data.prefetch', 'data.num_workers')
-
-
-def _matches(key: str, prefixes: Iterable[str]) -> bool:
-  return any(key == p or key.startswith(p + '.') for p in prefixes)
 
 
 def check_run_config(path: str, current: Mapping[str, Any], *, resumable: Iterable[str] = (),
@@ -129,19 +116,15 @@ def check_run_config(path: str, current: Mapping[str, Any], *, resumable: Iterab
   current = files.as_json(dict(current))
   previous = files.read_json(path, f'it records the run in this directory; restore it or {fix}')
   if previous is not None:
-    old, new = _flatten(previous), _flatten(current)
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, '<absent>') != new.get(k, '<absent>')
-                  and (compared is None or _matches(k, compared)))
-    refused = [k for k in keys if not _matches(k, resumable)]
+    refused, allowed = files.record_changes(previous, current, resumable=resumable,
+                                            compared=compared)
     if refused:
-      listed = '; '.join(f'{k}: {old.get(k, "<absent>")!r} -> {new.get(k, "<absent>")!r}'
-                         for k in refused)
       raise ValueError(f'{os.path.dirname(path)} holds a run with other settings '
-                       f'({listed}); {fix}')
-    if not keys or not record:
+                       f'({"; ".join(refused)}); {fix}')
+    if not allowed or not record:
       return
-    print('Resuming with changed settings (resume-compatible): ' + '; '.join(
-        f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys), flush=True)
+    print('Resuming with changed settings (resume-compatible): ' + '; '.join(allowed),
+          flush=True)
     current = dict(previous, **current)
   if record and jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
