@@ -113,30 +113,30 @@ def metric_value(key: str, seed: str, row: str, reports: Mapping[tuple[str, str]
   return float('nan') if value is None else float(value)
 
 
-def seed_noise(claim: Claim, key: str, seeds, reports, analyses) -> float:
-  """The pooled seed std of a metric over the seeds where both rows have it (within_noise)."""
+def _pairs(claim: Claim, key: str, seeds, reports, analyses) -> np.ndarray:
+  """(n, 2) float64: the claim's row and its comparison row on `key`, over the n seeds where
+  both have a finite value."""
   pairs = [(metric_value(key, s, claim.row, reports, analyses),
             metric_value(key, s, claim.versus, reports, analyses)) for s in seeds]
-  pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+  return np.asarray([(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)],
+                    np.float64).reshape(-1, 2)
+
+
+def seed_noise(pairs: np.ndarray) -> float:
+  """The pooled seed std of the two rows of _pairs (within_noise); NaN under two seeds."""
   if len(pairs) < 2:
     return float('nan')
-  a, b = np.asarray(pairs, np.float64).T
-  return float(np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2))
+  return float(np.sqrt((np.var(pairs[:, 0], ddof=1) + np.var(pairs[:, 1], ddof=1)) / 2))
 
 
 def _higher_is_better(key: str) -> bool:
   return key in ANALYSIS_METRICS or _COLUMNS[key].higher_is_better
 
 
-def _paired(claim: Claim, key: str, seeds, reports, analyses) -> dict[str, Any]:
+def _paired(key: str, pairs: np.ndarray) -> dict[str, Any]:
+  """runs.paired_summary of the row's gain over the comparison row, per seed (sign: better)."""
   sign = 1.0 if _higher_is_better(key) else -1.0
-  gains = []
-  for seed in seeds:
-    a = metric_value(key, seed, claim.row, reports, analyses)
-    b = metric_value(key, seed, claim.versus, reports, analyses)
-    if math.isfinite(a) and math.isfinite(b):
-      gains.append(sign * (a - b))
-  return runs.paired_summary(gains)
+  return runs.paired_summary([float(g) for g in sign * (pairs[:, 0] - pairs[:, 1])])
 
 
 def evaluate(claims: Sequence[Claim], seeds: Sequence[str],
@@ -163,7 +163,8 @@ def evaluate(claims: Sequence[Claim], seeds: Sequence[str],
         entry['verdict'] = 'holds' if max(ratios) < 1 else 'contradicted'
       out.append(entry)
       continue
-    summaries = {key: _paired(claim, key, seeds, reports, analyses) for key in claim.metrics}
+    pairs = {key: _pairs(claim, key, seeds, reports, analyses) for key in claim.metrics}
+    summaries = {key: _paired(key, pairs[key]) for key in claim.metrics}
     entry['metrics'] = summaries
     entry['seeds'] = min(s['seeds'] for s in summaries.values())
     if entry['seeds'] < 2:
@@ -174,7 +175,7 @@ def evaluate(claims: Sequence[Claim], seeds: Sequence[str],
       entry['verdict'] = 'holds' if low > 0 else 'contradicted' if high < 0 else 'tie'
     elif claim.kind == 'within_noise':
       for key, summary in summaries.items():
-        summary['noise'] = seed_noise(claim, key, seeds, reports, analyses)
+        summary['noise'] = seed_noise(pairs[key])
       outside = [k for k, s in summaries.items() if s['ci95'][0] > 0 or s['ci95'][1] < 0]
       beyond = [k for k, s in summaries.items() if not abs(s['mean']) <= s['noise']]
       if outside:
