@@ -75,7 +75,8 @@ def record_changes(old: Mapping[str, Any], new: Mapping[str, Any], *,
   '<absent>'), sorted by key. Only keys under `compared` (default: all) count; those under
   `resumable` are allowed, the others refused."""
   old, new = _flatten(old), _flatten(new)
-  resumable = tuple(resumable)
+  resumable = tuple(resumable)  # read once per key: a generator would be spent on the first
+  compared = None if compared is None else tuple(compared)
   refused, allowed = [], []
   for key in sorted(set(old) | set(new)):
     before, after = old.get(key, '<absent>'), new.get(key, '<absent>')

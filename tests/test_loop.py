@@ -264,6 +264,10 @@ def test_record_changes_compare_dotted_keys_of_nested_and_flat_records():
   # Only keys under `compared` count; 'optim' does not cover 'optimizer'.
   assert files.record_changes({'optimizer': 1, 'optim': {'lr': 1}}, {'optimizer': 2, 'optim':
                               {'lr': 2}}, compared=('optim',)) == (['optim.lr: 1 -> 2'], [])
+  # Prefixes given as a one-pass iterable still apply to every key.
+  assert files.record_changes(old, new, resumable=iter(('train', 'data')),
+                              compared=iter(('train', 'data', 'seed'))) == (
+      ["seed: '<absent>' -> 1"], ["data.prefetch: '<absent>' -> 4", "train.log_every: 1 -> 7"])
 
 
 def test_a_truncated_record_is_named(tmp_path):
