@@ -184,6 +184,11 @@ def base_config() -> ml_collections.ConfigDict:
       # off is the paper's plain stem (benchmarks/RESULTS.md measures it on).
       'companion_valid': False,
       'dtype': 'bfloat16',         # compute dtype; params and optimizer state stay float32
+      # How the blocks compute, not what (models/vit.py; may change on resume): attention
+      # kernel 'auto' (cuDNN flash attention on a GPU, XLA's elsewhere) | 'xla' | 'cudnn';
+      # per-block rematerialisation 'none' | 'full' | 'dots' (benchmarks/RESULTS.md, issue 32).
+      'attention': 'auto',
+      'remat': 'none',
   })
 
   c.projector = ml_collections.ConfigDict({

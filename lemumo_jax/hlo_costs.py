@@ -15,7 +15,11 @@ dot, a convolution, a copy, an async slice/copy, a collective, a custom call), w
                async pieces: a copy-start reads its source and writes its destination; the
                matching -done moves nothing.
   padded bytes the same with each array padded to its layout's first tile (TPU `T(8,128)`: a
-               trailing [.., 1, 5] int32 is stored as [.., 8, 128]), what HBM actually holds.
+               trailing [.., 1, 5] int32 is stored as [.., 8, 128]), what memory actually holds.
+  hbm bytes    the padded bytes of the arrays that live in HBM: a TPU layout marks arrays
+               the compiler placed in on-chip VMEM with memory space `S(1)` (prefetched by an
+               async copy, or produced and consumed there); those reads and writes never reach
+               HBM. On GPU (no memory spaces) every byte is an HBM byte.
   cycles       the TPU compiler's own estimate for the op (backend_config estimated_cycles),
                where it gives one.
   op_name      the JAX op path of the fused root (metadata), to find the code that made it.
@@ -50,22 +54,24 @@ TRANSCENDENTAL = {'exponential', 'exponential-minus-one', 'log', 'log-plus-one',
 # Ops of a fused computation that do no arithmetic.
 NO_FLOPS = FREE | {'broadcast', 'reshape', 'transpose', 'slice', 'dynamic-slice', 'concatenate',
                    'pad', 'copy', 'reverse', 'gather', 'scatter', 'dynamic-update-slice',
-                   'convert', 'bitcast-convert', 'custom-call', 'fusion', 'select', 'clamp',
-                   'rng-bit-generator', 'sort', 'while', 'conditional', 'call'}
+                   'bitcast-convert', 'custom-call', 'fusion', 'rng-bit-generator', 'sort',
+                   'while', 'conditional', 'call'}
 
 _ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^{}]*(?:\([^)]*\)[^{}]*)*\})?')
 _HEADER = re.compile(r'^(ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$')
 _INSTRUCTION = re.compile(r'^\s*(ROOT )?%([\w.\-]+) = (.*)$')
 _TILE = re.compile(r':T\(([0-9,]+)\)')
+_SPACE = re.compile(r'S\((\d+)\)')
 
 
 @dataclasses.dataclass
 class Array:
-  """One array of an HLO type: dtype, dims, the first layout tile (or None)."""
+  """One array of an HLO type: dtype, dims, the first layout tile (or None), memory space."""
   dtype: str
   dims: tuple[int, ...]
   minor_to_major: tuple[int, ...] | None
   tile: tuple[int, ...] | None
+  memory_space: int = 0          # 0: device memory (HBM); TPU 1: VMEM; 2: semaphores/flags
 
   @property
   def elements(self) -> int:
@@ -104,7 +110,9 @@ def parse_type(text: str) -> list[Array]:
       found = _TILE.search(body)
       if found:
         tile = tuple(int(t) for t in found.group(1).split(','))
-    arrays.append(Array(dtype, shape, minor_to_major, tile))
+      space = _SPACE.search(body.split(':', 1)[1] if ':' in body else '')
+    arrays.append(Array(dtype, shape, minor_to_major, tile,
+                        int(space.group(1)) if layout and space else 0))
   return arrays
 
 
@@ -297,8 +305,25 @@ def _conv_flops(instruction: Instruction, shapes: dict[str, list[Array]]) -> flo
   return 2.0 * batch * features * in_features * taps
 
 
+def _attention_flops(instruction: Instruction, shapes: dict[str, list[Array]],
+                     backward: bool) -> float:
+  """cuDNN fused attention (q, k, v in [B, T, N, H] as JAX lowers them): the two matmuls of the
+  forward, 4 B N T S H, or the four of the backward, 8 B N T S H, as XLA counts the same
+  attention written with dots (the backward's recomputation of the logits is not counted)."""
+  q = shapes.get(instruction.operands[0]) if instruction.operands else None
+  k = shapes.get(instruction.operands[1]) if len(instruction.operands) > 1 else None
+  if not q or not k or len(q[0].dims) != 4:
+    return 0.0
+  batch, length, heads, head_dim = q[0].dims
+  return (8.0 if backward else 4.0) * batch * heads * length * k[0].dims[1] * head_dim
+
+
 def _custom_call_flops(instruction: Instruction, shapes: dict[str, list[Array]]) -> float:
   target = instruction.attr('custom_call_target') or ''
+  if target.startswith('"__cudnn$conv'):
+    return _conv_flops(instruction, shapes)
+  if target.startswith('"__cudnn$fmha'):
+    return _attention_flops(instruction, shapes, backward='Backward' in target)
   if 'gemm' not in target.lower() and 'matmul' not in target.lower():
     return 0.0
   config = re.search(r'backend_config=(\{.*\})', instruction.attrs)
@@ -360,6 +385,7 @@ class Op:
   transcendentals: float
   bytes: float
   padded_bytes: float
+  hbm_bytes: float
   cycles: float | None
   op_name: str
   shape: str
@@ -374,9 +400,11 @@ class Op:
     return f'{path.rsplit("/", 1)[-1]}:{line} {function}'
 
 
-def _io_bytes(instruction: Instruction, shapes: dict[str, list[Array]]) -> tuple[float, float]:
+def _io_bytes(instruction: Instruction,
+              shapes: dict[str, list[Array]]) -> tuple[float, float, float]:
+  """(bytes, padded bytes, HBM bytes) the instruction reads and writes (module docstring)."""
   if instruction.opcode in FREE:
-    return 0.0, 0.0
+    return 0.0, 0.0, 0.0
   arrays = instruction.arrays
   if instruction.opcode in ('copy-start', 'slice-start'):
     # (destination, source, context) for copy-start; ((source), destination, context) for
@@ -388,9 +416,12 @@ def _io_bytes(instruction: Instruction, shapes: dict[str, list[Array]]) -> tuple
       seen.add(operand)
       operand_arrays.extend(shapes.get(operand, []))
   if instruction.opcode in ('slice-start', 'dynamic-slice', 'slice'):
-    operand_arrays = arrays  # reads only the slice it writes
+    # Reads only the slice it writes (from the source's memory space).
+    space = operand_arrays[0].memory_space if operand_arrays else 0
+    operand_arrays = [dataclasses.replace(a, memory_space=space) for a in arrays]
   everything = arrays + operand_arrays
-  return sum(a.bytes for a in everything), sum(a.padded_bytes for a in everything)
+  return (sum(a.bytes for a in everything), sum(a.padded_bytes for a in everything),
+          sum(a.padded_bytes for a in everything if a.memory_space == 0))
 
 
 def program_ops(text: str) -> list[Op]:
@@ -407,11 +438,12 @@ def program_ops(text: str) -> list[Op]:
     flops, transcendentals = _instruction_arithmetic(computations, instruction, shapes, memo)
     if instruction.opcode in ('while', 'conditional'):
       flops, transcendentals = _control_flow(computations, instruction, memo)
-    nbytes, padded = _io_bytes(instruction, shapes)
+    nbytes, padded, hbm = _io_bytes(instruction, shapes)
     cycles = re.search(r'"estimated_cycles":"([0-9]+)"', instruction.attrs)
     ops.append(Op(name=instruction.name, opcode=instruction.opcode,
                   kind=instruction.attr('kind') or '', flops=flops,
                   transcendentals=transcendentals, bytes=nbytes, padded_bytes=padded,
+                  hbm_bytes=hbm,
                   cycles=float(cycles.group(1)) if cycles else None,
                   op_name=instruction.op_name, shape=instruction.type_text,
                   stack=tuple(stacks.get(instruction.stack_frame_id, ()))))
@@ -438,6 +470,7 @@ def totals(ops: Iterable[Op]) -> dict[str, float]:
           'transcendentals': sum(op.transcendentals for op in ops),
           'bytes': sum(op.bytes for op in ops),
           'padded_bytes': sum(op.padded_bytes for op in ops),
+          'hbm_bytes': sum(op.hbm_bytes for op in ops),
           'cycles': sum(cycles) if cycles else None}
 
 

@@ -108,21 +108,34 @@ def device_peak_bytes(devices: list[jax.Device] | None = None) -> int | None:
   return max(peaks) if peaks else None
 
 
+def batch_layout(data_cfg: ml_collections.ConfigDict,
+                 with_seg: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{name: (per-frame shape, dtype)} of the batch the loader hands the step: rgb [H, W, 3]
+  uint8, companion [H, W] float32 (H, W = data.image_size), and seg [H, W] uint8 with
+  views.with_seg."""
+  height, width = (int(v) for v in data_cfg.image_size)
+  layout = {'rgb': ((height, width, 3), np.uint8), 'companion': ((height, width), np.float32)}
+  if with_seg:
+    layout['seg'] = ((height, width), np.uint8)
+  return layout
+
+
 def constant_host_batch(data_cfg: ml_collections.ConfigDict, global_batch_size: int,
                         seed: int = 0, with_seg: bool = False) -> dict[str, np.ndarray]:
-  """This host's rows of a random batch in the loader's layout: rgb [b, H, W, 3] uint8,
-  companion [b, H, W] float32 in [0, 1), H, W = data.image_size, b = global / process_count;
-  with_seg (views.with_seg) adds seg [b, H, W] uint8 labels in [0, 4)."""
+  """This host's rows of a random batch in the loader's layout (batch_layout): rgb uint8,
+  companion float32 in [0, 1), seg uint8 labels in [0, 4); b = global / process_count rows."""
   if global_batch_size % jax.process_count():
     raise ValueError(f'batch_size {global_batch_size} is not divisible by the '
                      f'{jax.process_count()} hosts')
   rows = global_batch_size // jax.process_count()
-  height, width = (int(v) for v in data_cfg.image_size)
   rng = np.random.default_rng(seed + jax.process_index())
-  batch = {'rgb': rng.integers(0, 256, (rows, height, width, 3), dtype=np.uint8),
-           'companion': rng.random((rows, height, width), dtype=np.float32)}
-  if with_seg:
-    batch['seg'] = rng.integers(0, 4, (rows, height, width), dtype=np.uint8)
+  batch = {}
+  for name, (shape, dtype) in batch_layout(data_cfg, with_seg).items():
+    shape = (rows, *shape)
+    if name == 'companion':
+      batch[name] = rng.random(shape, dtype=np.float32)
+    else:
+      batch[name] = rng.integers(0, 256 if name == 'rgb' else 4, shape, dtype=dtype)
   return batch
 
 

@@ -33,6 +33,12 @@ def xla_flags(devices: int) -> str:
   return f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}'
 
 
+# The optional AOT compilers (requirements-aot.txt: libtpu, the CUDA plugin) must not claim the
+# tests' backend, and libtpu's host-wide lock would stop the xdist workers and their
+# subprocesses from compiling for the TPU target side by side.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lemumo_jax_xla_cache_')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')

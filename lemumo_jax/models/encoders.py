@@ -113,6 +113,8 @@ class LateFusionEncoder(nn.Module):
   companion_channels: int = 1
   companion_valid: bool = False
   dtype: Any = jnp.float32
+  attention: str = 'xla'             # vit.ATTENTION_IMPLS
+  remat: str = 'none'                # vit.REMAT_POLICIES
   family_name = 'late_fusion'        # class attribute (not a field): the name in errors
 
   def setup(self):
@@ -121,7 +123,7 @@ class LateFusionEncoder(nn.Module):
                        f'model.num_heads={self.num_heads}')
     branch = dict(img_size=self.img_size, patch_size=self.patch_size, width=self.width,
                   depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                  dtype=self.dtype)
+                  dtype=self.dtype, attention=self.attention, remat=self.remat)
     self.rgb_encoder = vit.ViT(**branch)
     self.companion_encoder = vit.ViT(**branch)
 
@@ -172,6 +174,8 @@ class FusionEncoder(nn.Module):
   # the structured computation never forms, so it always runs the masked reference.
   layer0_impl: str = 'structured'
   dtype: Any = jnp.float32
+  attention: str = 'xla'             # vit.ATTENTION_IMPLS
+  remat: str = 'none'                # vit.REMAT_POLICIES
 
   def setup(self):
     if self.fusion_mode not in routing.FUSION_MODES:
@@ -194,7 +198,8 @@ class FusionEncoder(nn.Module):
     self.camera_type_embed = self.param('camera_type_embed', vit.token_init, (1, 1, self.width))
     self.companion_type_embed = self.param('companion_type_embed', vit.token_init,
                                            (1, 1, self.width))
-    self.blocks = [vit.EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype)
+    self.blocks = [vit.EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                                    attention=self.attention)
                    for _ in range(self.depth)]
     self.norm = vit.layer_norm(jnp.float32)
 
@@ -223,16 +228,18 @@ class FusionEncoder(nn.Module):
     del train  # no dropout / drop-path
     x, (h, w) = self.tokens(rgb, companion)
     n = h * w
+    remat = self.remat
     if self.fusion_mode == 'pruned':
       if self.layer0_impl == 'structured':
-        x = self.blocks[0].fusion_layer0(x, n)
+        x = vit.run_block(self.blocks[0], x, remat=remat, n=n)
       else:
-        x = self.blocks[0](x, _as_mask(routing.layer0_mask(n)))[:, :1 + n]
+        x = vit.run_block(self.blocks[0], x, _as_mask(routing.layer0_mask(n)), remat)[:, :1 + n]
       for block in self.blocks[1:]:
-        x = block(x)
+        x = vit.run_block(block, x, remat=remat)
     else:
       for layer, block in enumerate(self.blocks):
-        x = block(x, _as_mask(routing.attention_mask(n, layer, 'persistent')))
+        x = vit.run_block(block, x, _as_mask(routing.attention_mask(n, layer, 'persistent')),
+                          remat)
     x = self.norm(x[:, :1 + n])
     return parts.Features(cls=x[:, 0], patches=x[:, 1:].reshape(x.shape[0], h, w, x.shape[-1]))
 

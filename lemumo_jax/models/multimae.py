@@ -217,6 +217,8 @@ class MultiMaeEncoder(nn.Module):
   companion_channels: int = 1
   companion_valid: bool = False      # the stem's extra 'has a return' channel (not a target)
   dtype: Any = jnp.float32
+  attention: str = 'xla'             # vit.ATTENTION_IMPLS
+  remat: str = 'none'                # vit.REMAT_POLICIES
 
   def setup(self):
     self.patch_embed = vit.PatchEmbed(self.patch_size, self.width, dtype=self.dtype)
@@ -225,7 +227,8 @@ class MultiMaeEncoder(nn.Module):
     self.camera_type_embed = self.param('camera_type_embed', vit.token_init, (1, 1, self.width))
     self.companion_type_embed = self.param('companion_type_embed', vit.token_init,
                                            (1, 1, self.width))
-    self.blocks = [vit.EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype)
+    self.blocks = [vit.EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                                    attention=self.attention)
                    for _ in range(self.depth)]
     self.norm = vit.layer_norm(jnp.float32)
 
@@ -248,7 +251,7 @@ class MultiMaeEncoder(nn.Module):
     cls = jnp.broadcast_to(self.cls_token, (tokens.shape[0], 1, self.width))
     x = jnp.concatenate([cls, tokens], axis=1).astype(self.dtype)
     for block in self.blocks:
-      x = block(x)
+      x = vit.run_block(block, x, remat=self.remat)
     return self.norm(x)
 
   def encode_visible(self, rgb: jax.Array, companion: jax.Array,

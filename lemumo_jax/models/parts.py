@@ -10,6 +10,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lemumo_jax.models import vit
+
 
 class Features(flax.struct.PyTreeNode):
   """Encoder outputs: cls [B, D] (final-normed CLS), patches [B, h, w, D] (final-normed patch
@@ -78,4 +80,6 @@ def vit_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
   return dict(img_size=img_size(cfg), patch_size=int(get(cfg, 'patch_size')),
               width=int(get(cfg, 'width')), depth=int(get(cfg, 'depth')),
               num_heads=int(get(cfg, 'num_heads')), mlp_ratio=float(cfg.get('mlp_ratio', 4.0)),
-              dtype=DTYPES[choice(cfg, 'dtype', tuple(DTYPES), 'float32')])
+              dtype=DTYPES[choice(cfg, 'dtype', tuple(DTYPES), 'float32')],
+              attention=choice(cfg, 'attention', vit.ATTENTION_IMPLS, 'xla'),
+              remat=choice(cfg, 'remat', tuple(vit.REMAT_POLICIES), 'none'))

@@ -74,13 +74,16 @@ def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 
 
 def structured_layer0_attention(x: jax.Array, qkv_kernel: jax.Array, qkv_bias: jax.Array, *,
-                                n: int, num_heads: int, dtype: Any = jnp.float32) -> jax.Array:
+                                n: int, num_heads: int, dtype: Any = jnp.float32,
+                                attention=jax.nn.dot_product_attention) -> jax.Array:
   """Layer-0 attention outputs of the kept queries (CLS, F) under `layer0_mask(n)`.
 
   Args:
     x: normed tokens [B, T, D], T = 1 + 3n, order [CLS, F, C, M].
     qkv_kernel: [D, 3D], columns [Q | K | V] (the 'qkv' Dense kernel); qkv_bias: [3D].
     n: patch positions; num_heads: H (D divisible by H); dtype: compute dtype.
+    attention: (q, k, v) -> out, the dense attention CLS's query runs through
+      (jax.nn.dot_product_attention's signature; vit.dot_product_attention picks the kernel).
 
   Returns:
     [B, 1 + n, D]: heads merged, before the out-projection. Row 0 is CLS, rows 1.. are F.
@@ -110,7 +113,7 @@ def structured_layer0_attention(x: jax.Array, qkv_kernel: jax.Array, qkv_bias: j
   # CLS: one query over all T keys, the ordinary dense attention.
   k_all = jnp.concatenate([k_kept, k_mod], axis=1)
   v_all = jnp.concatenate([v_kept, v_mod], axis=1)
-  cls_out = jax.nn.dot_product_attention(q_kept[:, :1], k_all, v_all)   # [B, 1, H, hd]
+  cls_out = attention(q_kept[:, :1], k_all, v_all)                      # [B, 1, H, hd]
 
   # F_i: keys CLS, F_i, C_i, M_i. C_i / M_i sit at offset i of their blocks, so the "gather"
   # is a slice; logits are per-position dot products. float32 logits and softmax as in

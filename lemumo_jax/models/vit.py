@@ -7,6 +7,13 @@ becomes `blocks_i/x`; a Dense kernel is timm's Linear weight transposed, a Conv 
 
 Precision: params are float32; `dtype` is the compute dtype (float32 or bfloat16); attention
 logits and softmax run in float32.
+
+How the blocks compute, not what (model.attention, model.remat; compute-only keys, changeable on
+resume): `attention` picks jax.nn.dot_product_attention's implementation, 'xla' (the
+reference, every backend), 'cudnn' (cuDNN flash attention, NVIDIA GPUs: no [T, T] logits in
+memory) or 'auto' ('cudnn' on a GPU backend, else 'xla'); `remat` rematerialises each block in
+the backward pass: 'none', 'full' (saves only the block's input) or 'dots' (also saves the
+outputs of the matmuls without batch dimensions: qkv, proj, fc1, fc2).
 """
 
 from __future__ import annotations
@@ -60,6 +67,62 @@ def resize_grid_tokens(tokens: jax.Array, grid: tuple[int, int],
   return image.reshape(1, new_grid[0] * new_grid[1], width)
 
 
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def attention_impl(name: str) -> str:
+  """model.attention -> 'xla' or 'cudnn' ('auto': cuDNN on a GPU backend)."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention must be one of {list(ATTENTION_IMPLS)}, got {name!r}')
+  if name == 'auto':
+    return 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+  return name
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None = None,
+                          implementation: str = 'xla') -> jax.Array:
+  """jax.nn.dot_product_attention over q [B, T, H, hd], k/v [B, S, H, hd]; mask bool
+  [B or 1, H or 1, T, S] (True = may attend).
+
+  'cudnn' pads T and S to multiples of 8 and passes the true lengths, so padded keys get no
+  weight and padded query rows are sliced off: JAX 0.10's cuDNN path rejects odd lengths in
+  training (a ViT's 1 + 196 tokens), and the kernels prefer aligned ones.
+  """
+  implementation = attention_impl(implementation)
+  if implementation == 'xla':
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  t, s = q.shape[1], k.shape[1]
+  t_pad, s_pad = -t % 8, -s % 8
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+  if mask is not None:
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, t_pad), (0, s_pad)))
+  batch = q.shape[0]
+  out = jax.nn.dot_product_attention(
+      pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), mask=mask, implementation='cudnn',
+      query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((batch,), s, jnp.int32))
+  return out[:, :t]
+
+
+def run_block(block: nn.Module, x: jax.Array, mask: jax.Array | None = None,
+              remat: str = 'none', n: int | None = None) -> jax.Array:
+  """block(x, mask), or block.fusion_layer0(x, n) when n is given, rematerialised in the
+  backward pass by the REMAT_POLICIES entry `remat` (model.remat)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'model.remat must be one of {list(REMAT_POLICIES)}, got {remat!r}')
+  apply = ((lambda mdl, y, m: mdl(y, m)) if n is None
+           else (lambda mdl, y, m: mdl.fusion_layer0(y, n)))
+  if remat != 'none':
+    apply = nn.remat(apply, policy=REMAT_POLICIES[remat])
+  return apply(block, x, mask)
+
+
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
   """x @ kernel + bias in the compute dtype (what nn.Dense does)."""
   return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
@@ -97,10 +160,11 @@ class QKVParams(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention: 'qkv' -> jax.nn.dot_product_attention -> 'proj'."""
+  """Multi-head self-attention: 'qkv' -> dot_product_attention -> 'proj'."""
   width: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'            # ATTENTION_IMPLS
 
   def setup(self):
     if self.width % self.num_heads:
@@ -116,15 +180,16 @@ class Attention(nn.Module):
     qkv = dense(x, kernel, bias, self.dtype)
     q, k, v = (a.reshape(batch, tokens, self.num_heads, width // self.num_heads)
                for a in jnp.split(qkv, 3, axis=-1))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
     return self.proj(out.reshape(batch, tokens, width))
 
   def fusion_layer0(self, x: jax.Array, n: int) -> jax.Array:
     """Pruned-fusion layer 0 (routing.structured_layer0_attention): x [B, 1 + 3n, D] ->
     outputs of the kept tokens [B, 1 + n, D]."""
     kernel, bias = self.qkv()
-    out = routing.structured_layer0_attention(x, kernel, bias, n=n, num_heads=self.num_heads,
-                                              dtype=self.dtype)
+    out = routing.structured_layer0_attention(
+        x, kernel, bias, n=n, num_heads=self.num_heads, dtype=self.dtype,
+        attention=lambda q, k, v: dot_product_attention(q, k, v, implementation=self.attention))
     return self.proj(out)
 
 
@@ -153,10 +218,11 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'            # ATTENTION_IMPLS
 
   def setup(self):
     self.norm1 = layer_norm(self.dtype)
-    self.attn = Attention(self.width, self.num_heads, dtype=self.dtype)
+    self.attn = Attention(self.width, self.num_heads, dtype=self.dtype, attention=self.attention)
     self.norm2 = layer_norm(self.dtype)
     self.mlp = Mlp(self.width, int(self.width * self.mlp_ratio), dtype=self.dtype)
 
@@ -186,6 +252,8 @@ class ViT(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  attention: str = 'xla'            # ATTENTION_IMPLS
+  remat: str = 'none'               # REMAT_POLICIES
 
   def setup(self):
     grid = base_grid(self.img_size, self.patch_size)
@@ -193,7 +261,8 @@ class ViT(nn.Module):
     self.cls_token = self.param('cls_token', token_init, (1, 1, self.width), jnp.float32)
     self.pos_embed = self.param('pos_embed', token_init, (1, 1 + grid[0] * grid[1], self.width),
                                 jnp.float32)
-    self.blocks = [EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype)
+    self.blocks = [EncoderBlock(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                                attention=self.attention)
                    for _ in range(self.depth)]
     # float32 so features leave the encoder in float32 whatever the compute dtype.
     self.norm = layer_norm(jnp.float32)
@@ -207,7 +276,7 @@ class ViT(nn.Module):
     x = jnp.concatenate([cls, patches.reshape(batch, h * w, width) + pos_patches], axis=1)
     x = x.astype(self.dtype)
     for block in self.blocks:
-      x = block(x)
+      x = run_block(block, x, remat=self.remat)
     x = self.norm(x)
     return x[:, 0], x[:, 1:].reshape(batch, h, w, width)
 

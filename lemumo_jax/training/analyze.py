@@ -79,8 +79,9 @@ def _load_encoders(config: ml_collections.ConfigDict, workdir: str) -> list[dict
     ref_dir = os.path.abspath(config.analyze.reference_dir)
     _exported_meta(ref_dir, 'analyze.reference_dir')  # a missing encoder names the key
     # Another row's encoder: its own exported model config, not config.model.
-    encoders.append(_describe('reference', ref_dir, 'analyze.reference_dir',
-                              state_lib.load_encoder(ref_dir), config.analyze.reference_label))
+    reference = state_lib.load_encoder(ref_dir, pretrained.run_compute(config.model))
+    encoders.append(_describe('reference', ref_dir, 'analyze.reference_dir', reference,
+                              config.analyze.reference_label))
   return encoders
 
 

@@ -227,7 +227,7 @@ RUN_SECTIONS = ('method', 'seed', 'data', 'views', 'model', 'projector', 'object
                 'train')
 # ... except these keys, which change how it runs, not what it computes (logged on resume).
 RESUMABLE = ('train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-             *loop.LOADER_KEYS)
+             'model.attention', 'model.remat', *loop.LOADER_KEYS)
 
 
 def run_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -28,8 +28,11 @@ def resolve_dir(value: str | None, key: str, workdir: str) -> str:
 
 # Keys that choose how the encoder computes, not what it is: the exported encoder keeps its own
 # (a bf16-pretrained encoder probed in a float32 config runs in bf16; both layer-0 kernels are
-# tested equal), so they may differ without error.
-COMPUTE_ONLY_KEYS = frozenset({'dtype', 'layer0_impl'})
+# tested equal), so they may differ without error; the attention kernel and rematerialisation
+# are this run's (RUN_COMPUTE_KEYS: an encoder pretrained with cuDNN attention is probed on a
+# CPU with XLA's).
+RUN_COMPUTE_KEYS = ('attention', 'remat')
+COMPUTE_ONLY_KEYS = frozenset({'dtype', 'layer0_impl', *RUN_COMPUTE_KEYS})
 
 
 def model_mismatches(exported: dict[str, Any],
@@ -60,4 +63,9 @@ def load_encoder(directory: str, model_cfg: ml_collections.ConfigDict, key: str)
     raise ValueError(f'the encoder in {directory} was pretrained with a different model config '
                      f'than this run\'s config.model ({listed}); use the row it was pretrained '
                      f'as, or set those config.model values')
-  return state_lib.load_encoder(directory)
+  return state_lib.load_encoder(directory, run_compute(model_cfg))
+
+
+def run_compute(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """This run's RUN_COMPUTE_KEYS (those its config.model has), for state.load_encoder."""
+  return {k: model_cfg[k] for k in RUN_COMPUTE_KEYS if k in model_cfg}

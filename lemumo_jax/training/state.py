@@ -216,12 +216,15 @@ def publish_params(directory: str, name: str, tree: Any, pointer: str,
         shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
 
 
-def load_encoder(directory: str) -> tuple[Any, Any, ml_collections.ConfigDict]:
-  """(encoder module, params, model config) from an `export_encoder` directory."""
+def load_encoder(directory: str, compute: dict[str, Any] | None = None,
+                 ) -> tuple[Any, Any, ml_collections.ConfigDict]:
+  """(encoder module, params, model config) from an `export_encoder` directory; `compute`
+  replaces model keys that choose how the encoder computes (pretrained.RUN_COMPUTE_KEYS)."""
   meta = read_encoder_config(directory)
   if meta is None:
     raise FileNotFoundError(f'{os.path.join(directory, "encoder_config.json")} not found: '
                             f'pretrain first (mode=pretrain writes <workdir>/encoder)')
   model_cfg = ml_collections.ConfigDict(meta['model'])
+  model_cfg.update(compute or {})
   params = ocp.StandardCheckpointer().restore(os.path.join(directory, meta['params_dir']))
   return encoders.build_encoder(model_cfg), params, model_cfg
