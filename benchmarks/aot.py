@@ -98,28 +98,26 @@ def compiler_options(target_name: str, entries: list[str]) -> dict:
 
 
 def category(op) -> str:
-  """The part of the step an op belongs to, from its JAX op path and source frames."""
-  functions = {f for _, f, _ in op.stack}
+  """The part of the step an op belongs to, from its source frames and JAX op path."""
+  files = ' '.join(f for f, _, _ in op.stack)
   name = op.op_name
-  if 'make_views' in functions:
+  if op.opcode in ('copy-start', 'slice-start'):
+    return 'async copies (TPU: HBM -> VMEM prefetch)'
+  if 'augment.py' in files:
     return 'views (augment.py)'
-  if 'sigreg' in functions or 'lejepa_loss' in functions or 'objective' in functions:
+  if '/objectives/' in files:
     return 'objective'
-  if 'apply_gradients' in functions or 'optax' in name:
+  if '/optax/' in files or 'apply_gradients' in name:
     return 'optimizer'
-  if 'Projector' in name or 'projector' in name:
-    part = 'projector'
-  elif '/attn' in name:
-    part = 'attention'
-  elif '/mlp' in name:
-    part = 'mlp'
-  elif 'norm' in name:
-    part = 'norms'
-  elif 'JepaModel' in name or 'encoder' in name:
-    part = 'embeddings'
-  else:
-    return 'other'
-  return f'{part} {"backward" if "transpose(" in name else "forward"}'
+  direction = 'backward' if 'transpose(' in name else 'forward'
+  if 'projector' in name or 'heads.py' in files:
+    return f'projector {direction}'
+  for part, marker in (('attention', '/attn'), ('mlp', '/mlp'), ('norms', 'norm')):
+    if marker in name:
+      return f'{part} {direction}'
+  if 'encoder' in name or '/models/' in files:
+    return f'embeddings {direction}'
+  return 'other'
 
 
 def breakdown(ops, top: int) -> dict:

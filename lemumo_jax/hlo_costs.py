@@ -389,6 +389,7 @@ class Op:
   cycles: float | None
   op_name: str
   shape: str
+  target: str = ''     # a custom call's target ('__cudnn$fmhaSoftmax', ...)
   stack: tuple[tuple[str, str, int], ...] = ()   # (file, function, line), innermost first
 
   def source(self, package: str = 'lemumo_jax') -> str:
@@ -446,6 +447,7 @@ def program_ops(text: str) -> list[Op]:
                   hbm_bytes=hbm,
                   cycles=float(cycles.group(1)) if cycles else None,
                   op_name=instruction.op_name, shape=instruction.type_text,
+                  target=(instruction.attr('custom_call_target') or '').strip('"'),
                   stack=tuple(stacks.get(instruction.stack_frame_id, ()))))
   return ops
 

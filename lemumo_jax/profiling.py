@@ -16,7 +16,8 @@ Conventions:
 - FLOPs are XLA's count (`jax.jit(f).lower(...).compile().cost_analysis()['flops']`; a
   multiply-add is 2 FLOPs) of the SPMD-partitioned program, which is per device; they are
   multiplied by the mesh size, so they are the FLOPs executed on all devices together.
-  Custom calls (cuDNN, Pallas kernels) would count 0: the encoders use XLA attention.
+  XLA counts custom calls as 0; cuDNN fused attention (model.attention on a GPU) is added from
+  the program's ops (compiled_flops).
 - "SSL FLOPs" of a step = the whole jitted train step: on-device views (augment.py), encoder and
   projector forward and backward, the objective, the AdamW update. It is encoder-side in the
   paper's sense: no data preparation, no host input pipeline, no probe stage. The encoder
@@ -39,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lemumo_jax import files
+from lemumo_jax import files, hlo_costs
 from lemumo_jax.data import augment, sources
 from lemumo_jax.models import encoders
 from lemumo_jax.training import pretrain
@@ -73,11 +74,18 @@ def cost_analysis(compiled) -> dict[str, float]:
 
 
 def compiled_flops(compiled, num_devices: int = 1) -> float:
-  """FLOPs of one execution on all `num_devices` devices (the partitioned program x count)."""
+  """FLOPs of one execution on all `num_devices` devices (the partitioned program x count).
+
+  XLA's cost analysis counts a custom call as 0 FLOPs; cuDNN's fused attention (model.attention
+  'cudnn', the 'auto' choice on GPUs) is added from the program's ops (hlo_costs), so the
+  attention matmuls are counted whichever kernel runs them.
+  """
   flops = cost_analysis(compiled).get('flops')
   if flops is None or flops < 0:
     raise RuntimeError('XLA cost analysis reported no FLOP count for this backend')
-  return float(flops) * num_devices
+  fused_attention = sum(op.flops for op in hlo_costs.program_ops(compiled.as_text())
+                        if op.target.startswith('__cudnn$fmha'))
+  return (float(flops) + fused_attention) * num_devices
 
 
 def memory_estimate_bytes(compiled) -> int | None:

@@ -123,9 +123,7 @@ def masked_vit_encode(encoder: encoders.ViTEncoder, images: jax.Array, patch_mas
       pos[:, 1:], vit.base_grid(encoder.img_size, encoder.patch_size), (h, w))
   cls = jnp.broadcast_to(encoder.cls_token + pos[:, :1], (batch, 1, width))
   x = jnp.concatenate([cls, patches + pos_patches], axis=1).astype(encoder.dtype)
-  for block in encoder.blocks:
-    x = vit.run_block(block, x, remat=encoder.remat)
-  x = encoder.norm(x)
+  x = encoder.norm(vit.run_blocks(encoder.blocks, x, encoder.attention, encoder.remat))
   return parts.Features(cls=x[:, 0], patches=x[:, 1:].reshape(batch, h, w, width))
 
 

@@ -228,18 +228,18 @@ class FusionEncoder(nn.Module):
     del train  # no dropout / drop-path
     x, (h, w) = self.tokens(rgb, companion)
     n = h * w
-    remat = self.remat
+    attention, remat = self.attention, self.remat
     if self.fusion_mode == 'pruned':
       if self.layer0_impl == 'structured':
         x = vit.run_block(self.blocks[0], x, remat=remat, n=n)
       else:
-        x = vit.run_block(self.blocks[0], x, _as_mask(routing.layer0_mask(n)), remat)[:, :1 + n]
-      for block in self.blocks[1:]:
-        x = vit.run_block(block, x, remat=remat)
+        x = vit.run_blocks(self.blocks[:1], x, attention, remat,
+                           [_as_mask(routing.layer0_mask(n))])[:, :1 + n]
+      x = vit.run_blocks(self.blocks[1:], x, attention, remat)
     else:
-      for layer, block in enumerate(self.blocks):
-        x = vit.run_block(block, x, _as_mask(routing.attention_mask(n, layer, 'persistent')),
-                          remat)
+      x = vit.run_blocks(self.blocks, x, attention, remat,
+                         [_as_mask(routing.attention_mask(n, layer, 'persistent'))
+                          for layer in range(len(self.blocks))])
     x = self.norm(x[:, :1 + n])
     return parts.Features(cls=x[:, 0], patches=x[:, 1:].reshape(x.shape[0], h, w, x.shape[-1]))
 

@@ -250,9 +250,7 @@ class MultiMaeEncoder(nn.Module):
     """tokens [B, T, D] -> [B, 1 + T, D] float32: [global token, tokens] through the ViT."""
     cls = jnp.broadcast_to(self.cls_token, (tokens.shape[0], 1, self.width))
     x = jnp.concatenate([cls, tokens], axis=1).astype(self.dtype)
-    for block in self.blocks:
-      x = vit.run_block(block, x, remat=self.remat)
-    return self.norm(x)
+    return self.norm(vit.run_blocks(self.blocks, x, self.attention, self.remat))
 
   def encode_visible(self, rgb: jax.Array, companion: jax.Array,
                      keep: jax.Array) -> tuple[jax.Array, tuple[int, int]]:

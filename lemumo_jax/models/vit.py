@@ -85,42 +85,71 @@ def attention_impl(name: str) -> str:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None,
-                          implementation: str = 'xla') -> jax.Array:
+                          mask: jax.Array | None = None, implementation: str = 'xla',
+                          length: int | None = None) -> jax.Array:
   """jax.nn.dot_product_attention over q [B, T, H, hd], k/v [B, S, H, hd]; mask bool
   [B or 1, H or 1, T, S] (True = may attend).
 
-  'cudnn' pads T and S to multiples of 8 and passes the true lengths, so padded keys get no
-  weight and padded query rows are sliced off: JAX 0.10's cuDNN path rejects odd lengths in
-  training (a ViT's 1 + 196 tokens), and the kernels prefer aligned ones.
+  'cudnn' needs sequence lengths that are multiples of 8 here (JAX 0.10's cuDNN path rejects odd
+  lengths in training, a ViT's 1 + 196 tokens, and the kernels prefer aligned ones): with
+  `length`, q, k, v (and mask) are already padded (pad_tokens) and the first `length` positions
+  are the real ones; without it they are padded here and the padded query rows sliced off.
+  Padded keys get no weight either way (cuDNN's padding mask from the true lengths).
   """
   implementation = attention_impl(implementation)
   if implementation == 'xla':
+    if length is not None:
+      raise ValueError('XLA attention runs on unpadded tokens; got length= (pad_tokens pads '
+                       'only for cuDNN)')
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
   t, s = q.shape[1], k.shape[1]
-  t_pad, s_pad = -t % 8, -s % 8
+  t_pad, s_pad = (0, 0) if length is not None else (-t % 8, -s % 8)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
-  if mask is not None:
+  if mask is not None and (t_pad or s_pad):
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, t_pad), (0, s_pad)))
   batch = q.shape[0]
   out = jax.nn.dot_product_attention(
       pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), mask=mask, implementation='cudnn',
-      query_seq_lengths=jnp.full((batch,), t, jnp.int32),
-      key_value_seq_lengths=jnp.full((batch,), s, jnp.int32))
-  return out[:, :t]
+      query_seq_lengths=jnp.full((batch,), t if length is None else length, jnp.int32),
+      key_value_seq_lengths=jnp.full((batch,), s if length is None else length, jnp.int32))
+  return out if length is not None else out[:, :t]
+
+
+def pad_tokens(x: jax.Array, implementation: str) -> tuple[jax.Array, int | None]:
+  """x [B, T, D] -> (x padded to a multiple of 8 tokens, T) for 'cudnn' attention, so a stack
+  of blocks pads once instead of in every attention call (each pad is a copy of q, k and v);
+  (x, None) for 'xla'. The blocks' output is sliced back to [:, :T]."""
+  if attention_impl(implementation) != 'cudnn':
+    return x, None
+  return jnp.pad(x, ((0, 0), (0, -x.shape[1] % 8), (0, 0))), x.shape[1]
 
 
 def run_block(block: nn.Module, x: jax.Array, mask: jax.Array | None = None,
-              remat: str = 'none', n: int | None = None) -> jax.Array:
-  """block(x, mask), or block.fusion_layer0(x, n) when n is given, rematerialised in the
-  backward pass by the REMAT_POLICIES entry `remat` (model.remat)."""
+              remat: str = 'none', n: int | None = None, length: int | None = None) -> jax.Array:
+  """block(x, mask, length), or block.fusion_layer0(x, n) when n is given, rematerialised in
+  the backward pass by the REMAT_POLICIES entry `remat` (model.remat)."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f'model.remat must be one of {list(REMAT_POLICIES)}, got {remat!r}')
-  apply = ((lambda mdl, y, m: mdl(y, m)) if n is None
+  apply = ((lambda mdl, y, m: mdl(y, m, length)) if n is None
            else (lambda mdl, y, m: mdl.fusion_layer0(y, n)))
   if remat != 'none':
     apply = nn.remat(apply, policy=REMAT_POLICIES[remat])
   return apply(block, x, mask)
+
+
+def run_blocks(blocks, x: jax.Array, attention: str, remat: str,
+               masks=None) -> jax.Array:
+  """x [B, T, D] through `blocks` (masks: None, or one bool [1, 1, T, T] per block), padded
+  once for cuDNN attention (pad_tokens) -> [B, T, D]."""
+  masks = [None] * len(blocks) if masks is None else list(masks)
+  tokens = x.shape[1]
+  x, length = pad_tokens(x, attention)
+  extra = x.shape[1] - tokens
+  for block, mask in zip(blocks, masks):
+    if mask is not None and extra:
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, extra), (0, extra)))
+    x = run_block(block, x, mask, remat, length=length)
+  return x if length is None else x[:, :tokens]
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
@@ -173,14 +202,22 @@ class Attention(nn.Module):
     self.proj = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
                          kernel_init=dense_init, bias_init=nn.initializers.zeros)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x [B, T, D]; mask bool [B or 1, H or 1, T, T] (True = may attend) -> [B, T, D]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               length: int | None = None) -> jax.Array:
+    """x [B, T, D]; mask bool [B or 1, H or 1, T, T] (True = may attend); length: the real
+    tokens of an x padded for cuDNN (pad_tokens) -> [B, T, D]."""
     batch, tokens, width = x.shape
     kernel, bias = self.qkv()
-    qkv = dense(x, kernel, bias, self.dtype)
-    q, k, v = (a.reshape(batch, tokens, self.num_heads, width // self.num_heads)
-               for a in jnp.split(qkv, 3, axis=-1))
-    out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
+    split = lambda a: a.reshape(batch, tokens, self.num_heads, width // self.num_heads)
+    if attention_impl(self.attention) == 'cudnn':
+      # Three projections, each contiguous in [B, T, H, hd] as the kernel reads it: slicing one
+      # fused [B, T, 3D] output would copy q, k and v.
+      q, k, v = (split(dense(x, kernel[:, i * width:(i + 1) * width],
+                             bias[i * width:(i + 1) * width], self.dtype)) for i in range(3))
+    else:
+      q, k, v = (split(a) for a in jnp.split(dense(x, kernel, bias, self.dtype), 3, axis=-1))
+    out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention,
+                                length=length)
     return self.proj(out.reshape(batch, tokens, width))
 
   def fusion_layer0(self, x: jax.Array, n: int) -> jax.Array:
@@ -226,9 +263,10 @@ class EncoderBlock(nn.Module):
     self.norm2 = layer_norm(self.dtype)
     self.mlp = Mlp(self.width, int(self.width * self.mlp_ratio), dtype=self.dtype)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x [B, T, D], mask as in Attention -> [B, T, D]."""
-    x = x + self.attn(self.norm1(x), mask)
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               length: int | None = None) -> jax.Array:
+    """x [B, T, D], mask and length as in Attention -> [B, T, D]."""
+    x = x + self.attn(self.norm1(x), mask, length)
     return x + self.mlp(self.norm2(x))
 
   def fusion_layer0(self, x: jax.Array, n: int) -> jax.Array:
@@ -274,9 +312,7 @@ class ViT(nn.Module):
     pos_patches = resize_grid_tokens(pos[:, 1:], base_grid(self.img_size, self.patch_size), (h, w))
     cls = jnp.broadcast_to(self.cls_token + pos[:, :1], (batch, 1, width))
     x = jnp.concatenate([cls, patches.reshape(batch, h * w, width) + pos_patches], axis=1)
-    x = x.astype(self.dtype)
-    for block in self.blocks:
-      x = run_block(block, x, remat=self.remat)
+    x = run_blocks(self.blocks, x.astype(self.dtype), self.attention, self.remat)
     x = self.norm(x)
     return x[:, 0], x[:, 1:].reshape(batch, h, w, width)
 
