@@ -88,8 +88,8 @@ def structured_layer0_attention(x: jax.Array, qkv_kernel: jax.Array, qkv_bias: j
   Returns:
     [B, 1 + n, D]: heads merged, before the out-projection. Row 0 is CLS, rows 1.. are F.
 
-  Cost: Q/K/V for the 1 + n kept tokens, only K/V for the 2n modality tokens (their queries
-  would be dropped after layer 0), CLS's dense softmax over T keys, and for each F_i a 4-way
+  Cost: Q for the 1 + n kept tokens and K/V for all T (the 2n modality tokens' queries would
+  be dropped after layer 0), CLS's dense softmax over T keys, and for each F_i a 4-way
   softmax from elementwise products with its 4 keys: O(n * D), no [n, T] logits.
   """
   batch, tokens, width = x.shape
@@ -104,15 +104,15 @@ def structured_layer0_attention(x: jax.Array, qkv_kernel: jax.Array, qkv_bias: j
   kernel = qkv_kernel.astype(dtype)
   bias = qkv_bias.astype(dtype)
 
-  kept_qkv = jnp.dot(x[:, :1 + n], kernel) + bias                        # [B, 1+n, 3D]
-  q_kept, k_kept, v_kept = (_split_heads(a, num_heads)
-                            for a in jnp.split(kept_qkv, 3, axis=-1))   # [B, 1+n, H, hd]
-  modality_kv = jnp.dot(x[:, 1 + n:], kernel[:, width:]) + bias[width:]  # [B, 2n, 2D]
-  k_mod, v_mod = (_split_heads(a, num_heads) for a in jnp.split(modality_kv, 2, axis=-1))
+  q_kept = _split_heads(jnp.dot(x[:, :1 + n], kernel[:, :width]) + bias[:width],
+                        num_heads)                                       # [B, 1+n, H, hd]
+  # K/V of all T tokens in one product: CLS's attention reads them whole, no concatenation.
+  kv_all = jnp.dot(x, kernel[:, width:]) + bias[width:]                  # [B, T, 2D]
+  k_all, v_all = (_split_heads(a, num_heads) for a in jnp.split(kv_all, 2, axis=-1))
+  k_kept, k_mod = k_all[:, :1 + n], k_all[:, 1 + n:]
+  v_kept, v_mod = v_all[:, :1 + n], v_all[:, 1 + n:]
 
   # CLS: one query over all T keys, the ordinary dense attention.
-  k_all = jnp.concatenate([k_kept, k_mod], axis=1)
-  v_all = jnp.concatenate([v_kept, v_mod], axis=1)
   cls_out = attention(q_kept[:, :1], k_all, v_all)                      # [B, 1, H, hd]
 
   # F_i: keys CLS, F_i, C_i, M_i. C_i / M_i sit at offset i of their blocks, so the "gather"
