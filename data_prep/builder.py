@@ -4,7 +4,7 @@ A dataset module (data_prep/waymo.py, nuscenes.py, flir.py) subclasses `RecordBu
 name, classes and builder configs, and supplies two functions:
 
   split_units(manual_dir, config) -> {split: [WorkUnit]}   input files / scenes / image pairs
-  make_converter(manual_dir, config) -> object with .convert(payload, skip) yielding Frames
+  make_converter(manual_dir, config) -> object with .convert(payload, report) yielding Frames
 
 `_split_generators` turns each split's units into a Beam pipeline (`beam.Create(units) |
 ParDo(convert)`), so the same builder runs with the local DirectRunner (in memory, or
@@ -13,10 +13,14 @@ Flink, Spark). TFDS writes `array_record` files under
 `<data_dir>/<name>/<config>/<version>/` (in an `incomplete.*` folder renamed when done) and
 the dataset info beside them; `metadata.json` holds what this project reads: classes,
 companion, stored image size, the converter options, the inputs each split was built from, the
-inputs skipped as corrupt and the count of frames whose companion map is empty (no LiDAR).
+inputs skipped as corrupt, the inputs read through a fallback and the count of frames whose
+companion map is empty (no LiDAR).
 
 A unit that cannot be decoded raises CorruptInputError(path, reason): it is dropped whole,
-logged and listed in metadata.json; a converter may also skip single frames through `skip`.
+logged and listed in metadata.json; a converter may also skip single frames through
+`report(path, reason)`, and name an input it could only read in a lesser form (FLIR: an 8-bit
+file where the 16-bit raw frame was asked for) through `report.fallback(path, reason)`, which
+is logged and listed in metadata.json (`fallbacks_<split>`) when the unit's frames are kept.
 Any other exception is a bug and stops the build. A build in which a split ends up with no
 record fails. A rebuild into an existing dataset folder compares the inputs and settings it
 was built from and refuses on a difference (naming it) unless `--overwrite`; `incomplete.*`
@@ -54,7 +58,27 @@ from lemumo_jax.data import schema
 # A converted frame: the record dict (schema.FIELDS + meta) and, when the stored RGB is the
 # unmodified source image, its original JPEG bytes (stored as-is instead of re-encoding).
 Frame = tuple[dict[str, Any], bytes | None]
-Skip = Callable[[str, str], None]
+
+
+class Report:
+  """What a converter says about a unit's inputs besides its frames: `report(path, reason)`
+  skips one (corrupt or missing), `report.fallback(path, reason)` names one it read in a lesser
+  form than asked for. Both are logged by name here and listed in metadata.json."""
+
+  def __init__(self):
+    self.skipped: list[tuple[str, str]] = []
+    self.fallbacks: list[tuple[str, str]] = []
+
+  def __call__(self, path: str, reason: str) -> None:
+    logging.warning('skipping %s: %s', path, reason)
+    self.skipped.append((path, reason))
+
+  def fallback(self, path: str, reason: str) -> None:
+    logging.warning('fallback for %s: %s', path, reason)
+    self.fallbacks.append((path, reason))
+
+
+Skip = Report  # converters that only skip call it as skip(path, reason)
 
 VERSION = tfds.core.Version('1.0.0')
 
@@ -161,20 +185,17 @@ class _Convert(beam.DoFn):
     self._converter = self._make_converter()
 
   def process(self, unit: WorkUnit):
-    skipped: list[tuple[str, str]] = []
-
-    def skip(path: str, reason: str) -> None:
-      logging.warning('skipping %s: %s', path, reason)
-      skipped.append((path, reason))
-
+    report = Report()
     try:  # a unit is converted whole first, so a file found corrupt halfway adds nothing
       frames = [to_example(record, jpeg, self._rgb_format)
-                for record, jpeg in self._converter.convert(unit.payload, skip)]
+                for record, jpeg in self._converter.convert(unit.payload, report)]
     except CorruptInputError as e:
-      skip(e.path, e.reason)
-      frames = []
-    for item in skipped:
+      report(e.path, e.reason)
+      frames, report.fallbacks = [], []  # nothing of the unit is written
+    for item in report.skipped:
       yield beam.pvalue.TaggedOutput('skipped', item)
+    for item in report.fallbacks:
+      yield beam.pvalue.TaggedOutput('fallbacks', item)
     for example in frames:
       meta = example['meta']
       key = f'{unit.name}/{meta["frame"]:06d}/{meta["camera"]}'
@@ -241,18 +262,20 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, pipeline, split: str, units: Sequence[WorkUnit],
                          make_converter: Callable[[], Any]):
-    """The split's examples as a PCollection; its skipped inputs and the count of frames with
-    an empty companion map go to metadata.json (BeamMetadataDict), with the box counts."""
+    """The split's examples as a PCollection; its skipped inputs, the inputs read through a
+    fallback and the count of frames with an empty companion map go to metadata.json
+    (BeamMetadataDict), with the box counts."""
     results = (pipeline
                | f'{split}_units' >> beam.Create(sorted(units, key=lambda u: u.name))
                | f'{split}_reshuffle' >> beam.Reshuffle()
                | f'{split}_convert' >> beam.ParDo(
                    _Convert(make_converter, self.builder_config,
                             self.info.metadata['classes_2d'])).with_outputs(
-                       'skipped', 'without_companion', 'boxes', main='examples'))
-    self.info.metadata[f'skipped_{split}'] = (
-        results.skipped | f'{split}_skipped_list' >> beam.combiners.ToList()
-        | f'{split}_skipped_dict' >> beam.Map(lambda pairs: dict(sorted(pairs))))
+                       'skipped', 'fallbacks', 'without_companion', 'boxes', main='examples'))
+    for kind in ('skipped', 'fallbacks'):  # {path: reason}
+      self.info.metadata[f'{kind}_{split}'] = (
+          results[kind] | f'{split}_{kind}_list' >> beam.combiners.ToList()
+          | f'{split}_{kind}_dict' >> beam.Map(lambda pairs: dict(sorted(pairs))))
     self.info.metadata[f'without_companion_{split}'] = (
         results.without_companion
         | f'{split}_without_companion_count' >> beam.combiners.Count.Globally())
@@ -361,9 +384,10 @@ def summary(builder: RecordBuilder) -> str:
   lines = [f'{builder.info.full_name} -> {builder.data_path}']
   for split, info in sorted(builder.info.splits.items()):
     skipped = metadata.get(f'skipped_{split}') or {}
+    fallbacks = metadata.get(f'fallbacks_{split}') or {}
     lines.append(f'  {split}: {info.num_examples} records in {info.num_shards} shards from '
                  f'{metadata["inputs"]["units"].get(split)} units, {len(skipped)} inputs '
                  f'skipped, {metadata.get(f"without_companion_{split}")} frames with an empty '
-                 'companion map')
+                 f'companion map, {len(fallbacks)} inputs read through a fallback')
   return '\n'.join(lines)
 

@@ -1,12 +1,25 @@
 """Teledyne FLIR ADAS v2 (RGB + thermal) as a TFDS dataset.
 
+Layout (the release's README.txt): each folder images_{rgb,thermal}_{train,val} and
+video_{rgb,thermal}_test holds data/ (8-bit JPEGs: the post-processed thermal, or RGB),
+coco.json (filtered annotations, recommended for training) and index.json (the raw
+annotations in Teledyne's Conservator format); the thermal folders also hold analyticsData/,
+the 16-bit raw thermal frames as TIFFs named like their data/ JPEG
+(video-<id>-frame-<n>-<hash>.tiff).
+
 Pairing. The release pairs RGB and thermal frames only in its video set: the root file
 rgb_to_thermal_vid_map.json maps each RGB frame of video_rgb_test/data/ to its time-synced
 thermal frame in video_thermal_test/data/ (3,749 pairs at 30 FPS). The images_{rgb,thermal}_
-{train,val} folders were sampled independently per spectrum (different videos and frames; no
-key in coco.json or index.json links them), so they cannot form pairs. The builder options
-pair_map, rgb_folder and thermal_folder take any other pairing file of the same form
-({rgb file name: thermal file name}, both under <folder>/data/).
+{train,val} folders were sampled independently per spectrum (the README: "sampled from
+completely independent video sequences", with per-video frame skips; no public description of
+the release documents a key in coco.json or index.json linking the two spectra), so they are
+not paired here. The builder options pair_map, rgb_folder and thermal_folder take any other
+pairing file of the same form ({rgb file name: thermal file name}, both under <folder>/data/).
+Thermal source (builder option thermal_bits): 16 (default) reads the raw frame
+<thermal_folder>/analyticsData/<stem>.tiff of each pair; 8 reads the data/ JPEG the pair map
+names. With 16, a TIFF that holds 8-bit data (the video set has some) is used as 8-bit, and a
+missing TIFF is replaced by its data/ JPEG: each such fallback is logged and listed by file in
+metadata.json (fallbacks_<split>); a thermal folder without analyticsData/ stops the build.
 Splits. A video (thermal video id from the file name video-<id>-frame-<n>-<hash>.jpg) goes to
 val when crc32(id) % 100 < val_percent (default 20), otherwise to train, so whole videos stay
 on one side and adjacent frames never straddle the split.
@@ -21,7 +34,8 @@ the thermal resolution). intrinsics = the pinhole K of that shared view.
 Per pair:
   rgb           the RGB frame on the shared grid
   companion     the thermal frame on the shared grid, normalised to [0, 1]: 8-bit / 255;
-                16-bit (raw) linearly between its 1st and 99th percentiles, clipped
+                16-bit (raw, analyticsData/) linearly between its 1st and 99th percentiles,
+                clipped
   boxes2d       thermal coco.json boxes ([x, y, w, h] in thermal pixels) on the shared grid,
                 clipped, kept when at least min_box_size pixels wide and high; categories
                 matched by name against the option classes (= classes_2d), others dropped
@@ -57,6 +71,7 @@ from lemumo_jax.data import schema
 FLIR_CLASSES = ('person', 'bike', 'car', 'motor', 'bus', 'train', 'truck', 'light', 'hydrant',
                 'sign', 'dog', 'deer', 'skateboard', 'stroller', 'scooter', 'other vehicle')
 _FRAME_NAME = re.compile(r'^video-(?P<video>[^-]+)-frame-(?P<frame>\d+)-')
+ANALYTICS_FOLDER = 'analyticsData'  # the release's 16-bit raw thermal frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +85,21 @@ class Options:
   thermal_vfov_deg: float = 37.0
   min_box_size: float = 1.0
   classes: tuple[str, ...] = ()  # coco.json category names kept, in classes_2d order
+  thermal_bits: int = 16  # 16: analyticsData/<stem>.tiff (raw); 8: the data/ JPEG
 
   def __post_init__(self):  # from JSON (builder options), lists become tuples
     object.__setattr__(self, 'classes', tuple(self.classes or FLIR_CLASSES))
+    if self.thermal_bits not in (8, 16):
+      raise ValueError(f'builder option thermal_bits={self.thermal_bits!r}: 16 reads the raw '
+                       f'frames under <thermal_folder>/{ANALYTICS_FOLDER}/, 8 the JPEGs under '
+                       'data/')
 
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
   rgb_path: str
-  thermal_path: str
+  thermal_path: str  # the file read: the analyticsData/ TIFF, or the data/ JPEG (8-bit)
+  thermal_jpeg: str  # the data/ JPEG the pair map names: coco.json's key and the fallback
   video: str
   frame: int
 
@@ -166,15 +187,32 @@ class ThermalBoxes:
     return boxes, np.array([self.class_of[a['category_id']] for a in kept], np.int32)
 
 
+def load_thermal(pair: Pair, report: builder.Report) -> np.ndarray:
+  """The pair's thermal image as stored ([h, w] or [h, w, c], uint8 or uint16); an 8-bit TIFF
+  or a missing one (replaced by the data/ JPEG) where the raw frame was asked is reported as a
+  fallback."""
+  if pair.thermal_path == pair.thermal_jpeg:
+    return _load(pair.thermal_jpeg, None)
+  if not os.path.exists(pair.thermal_path):
+    report.fallback(pair.thermal_path, 'no 16-bit raw frame; read the 8-bit data/'
+                    f'{os.path.basename(pair.thermal_jpeg)} instead')
+    return _load(pair.thermal_jpeg, None)
+  image = _load(pair.thermal_path, None)
+  if image.dtype == np.uint8:
+    report.fallback(pair.thermal_path, 'holds 8-bit data where the 16-bit raw frame was asked '
+                    'for; normalised as 8-bit (/ 255)')
+  return image
+
+
 def pair_frame(pair: Pair, thermal_boxes: ThermalBoxes, options: Options,
-               config: builder.Config) -> Iterator[builder.Frame]:
+               config: builder.Config, report: builder.Report) -> Iterator[builder.Frame]:
   """The record of one RGB-thermal pair (a work unit); a broken pair raises."""
   rgb = _load(pair.rgb_path, 'RGB')
-  thermal = normalize_thermal(_load(pair.thermal_path, None))
+  thermal = normalize_thermal(load_thermal(pair, report))
   height, width = config.image_height, config.image_width
   rgb_grid, thermal_grid, intrinsics = shared_view(rgb.shape[:2], thermal.shape[:2],
                                                    (height, width), options)
-  boxes, classes = thermal_boxes.boxes(pair.thermal_path)
+  boxes, classes = thermal_boxes.boxes(pair.thermal_jpeg)
   boxes2d, keep = thermal_grid.boxes(boxes, options.min_box_size)
   record = {
       'rgb': rgb_grid.rgb(rgb),
@@ -200,15 +238,25 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
                             'thermal frame map under manual_dir')
   with open(map_path) as f:
     pair_map = json.load(f)
+  thermal_dir = os.path.join(manual_dir, options.thermal_folder)
+  if options.thermal_bits == 16 and not os.path.isdir(os.path.join(thermal_dir,
+                                                                   ANALYTICS_FOLDER)):
+    raise FileNotFoundError(
+        f'{os.path.join(thermal_dir, ANALYTICS_FOLDER)} not found: the 16-bit raw thermal '
+        'frames (builder option thermal_bits=16, the default) are read from there; pass '
+        '--options=\'{"thermal_bits": 8}\' to build from the 8-bit data/ JPEGs')
   units: dict[str, list[builder.WorkUnit]] = {'train': [], 'val': []}
   for rgb_name, thermal_name in pair_map.items():
     video, frame = video_and_frame(thermal_name)
+    thermal_jpeg = os.path.join(thermal_dir, 'data', os.path.basename(thermal_name))
+    thermal_path = thermal_jpeg if options.thermal_bits == 8 else os.path.join(
+        thermal_dir, ANALYTICS_FOLDER, os.path.splitext(os.path.basename(thermal_name))[0]
+        + '.tiff')
     pair = Pair(os.path.join(manual_dir, options.rgb_folder, 'data', os.path.basename(rgb_name)),
-                os.path.join(manual_dir, options.thermal_folder, 'data',
-                             os.path.basename(thermal_name)), video, frame)
+                thermal_path, thermal_jpeg, video, frame)
     split = 'val' if is_val_video(video, options.val_percent) else 'train'
     stamp = ' '.join(str(os.path.getsize(p)) if os.path.exists(p) else 'missing'
-                     for p in (pair.rgb_path, pair.thermal_path))
+                     for p in dict.fromkeys((pair.rgb_path, pair.thermal_path, thermal_jpeg)))
     units[split].append(builder.WorkUnit(os.path.basename(rgb_name), pair, stamp))
   units = {split: u for split, u in units.items() if u}
   if not units:
@@ -223,13 +271,14 @@ class Converter:
     self.thermal_boxes = ThermalBoxes(
         os.path.join(manual_dir, self.options.thermal_folder, 'coco.json'), self.options.classes)
 
-  def convert(self, pair: Pair, skip: builder.Skip) -> Iterator[builder.Frame]:
-    del skip  # a broken pair is dropped whole, by raising
-    return pair_frame(pair, self.thermal_boxes, self.options, self.config)
+  def convert(self, pair: Pair, report: builder.Report) -> Iterator[builder.Frame]:
+    """A broken pair is dropped whole, by raising; a thermal fallback goes to `report`."""
+    return pair_frame(pair, self.thermal_boxes, self.options, self.config, report)
 
 
 class LemumoFlir(builder.RecordBuilder):
-  """FLIR ADAS v2: manual_dir = FLIR_ADAS_v2 (rgb_to_thermal_vid_map.json, video_*_test/)."""
+  """FLIR ADAS v2: manual_dir = FLIR_ADAS_v2 (rgb_to_thermal_vid_map.json, video_*_test/ with
+  data/ and, for the thermal folder, analyticsData/)."""
 
   DATASET = 'flir'
   COMPANION = 'thermal'

@@ -20,7 +20,11 @@ Per sample and camera (builder option cameras, default CAM_FRONT):
                 construction worker); vehicle.bicycle with attribute cycle.with_rider ->
                 cyclist (bicycles without a rider are dropped, like every other class);
                 kept when the whole box is in front of the camera and overlaps the image
-  boxes2d       those boxes projected and clipped (classes_2d = CLASSES_3D)
+                (both tested on the annotation's true 8 corners, below)
+  boxes2d       the bounds of each annotation's true 8 corners (Box.corners(), its full
+                quaternion through the ego pose and camera extrinsic, so its pitch and roll
+                relative to the camera count) projected and clipped to the image, as
+                geometry.corners_to_2d does for Waymo (classes_2d = CLASSES_3D)
   intrinsics    the calibrated camera_intrinsic, scaled to the stored grid
 Work unit = one scene; a sample whose LiDAR, label or image file is missing or corrupt is
 skipped and reported by file name (data_prep/builder.py).
@@ -100,10 +104,12 @@ def global_from_sensor(nusc, sd: dict[str, Any]) -> np.ndarray:
   return _pose(nusc.get('ego_pose', sd['ego_pose_token'])) @ _pose(calibration)
 
 
-def annotation_boxes(nusc, sample: dict[str, Any],
-                     cam_from_global: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Schema boxes [K, 7] in the camera frame and CLASSES_3D indices [K] of a sample."""
-  boxes, classes = [], []
+def annotation_boxes(nusc, sample: dict[str, Any], cam_from_global: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Schema boxes [K, 7] in the camera frame, their true corners [K, 8, 3] in the camera frame
+  (the annotation's full rotation: the 2D boxes and the keep test use these, since the schema
+  box keeps only the yaw about the camera's y axis) and CLASSES_3D indices [K] of a sample."""
+  boxes, corners, classes = [], [], []
   for token in sample['anns']:
     annotation = nusc.get('sample_annotation', token)
     attributes = [nusc.get('attribute', t)['name'] for t in annotation['attribute_tokens']]
@@ -116,8 +122,10 @@ def annotation_boxes(nusc, sample: dict[str, Any],
     yaw = np.arctan2(-length_axis[2], length_axis[0])
     width, length, height = box.wlh
     boxes.append([*center, length, width, height, yaw])
+    corners.append(geometry.transform_points(cam_from_global, box.corners().T))
     classes.append(cls)
-  return np.asarray(boxes, np.float64).reshape(-1, 7), np.asarray(classes, np.int32)
+  return (np.asarray(boxes, np.float64).reshape(-1, 7),
+          np.asarray(corners, np.float64).reshape(-1, 8, 3), np.asarray(classes, np.int32))
 
 
 def load_points(path: str) -> np.ndarray:
@@ -190,8 +198,8 @@ def sample_frame(nusc, sample: dict[str, Any], index: int, camera: str, scene_na
   else:
     seg = np.full((height, width), schema.IGNORE_LABEL, np.uint8)
 
-  boxes3d, classes = annotation_boxes(nusc, sample, cam_from_global)
-  boxes2d, keep = geometry.boxes3d_to_2d(boxes3d, intrinsics, height, width)
+  boxes3d, corners, classes = annotation_boxes(nusc, sample, cam_from_global)
+  boxes2d, keep = geometry.corners_to_2d(corners, intrinsics, height, width)
   record = {
       'rgb': grid.rgb(rgb),
       'companion': companion,

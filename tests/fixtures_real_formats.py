@@ -4,20 +4,23 @@
             range images, camera JPEGs, calibrations, laser labels, panoptic camera labels)
   nuScenes  a v1.0-mini-style table set that nuscenes-devkit's NuScenes() loads, with
             .pcd.bin LiDAR sweeps, camera JPEGs and lidarseg .bin labels
-  FLIR      the ADAS v2 folder layout: video_{rgb,thermal}_test/{data/, coco.json} and the
-            root rgb_to_thermal_vid_map.json
+  FLIR      the ADAS v2 release layout: video_{rgb,thermal}_test/{data/, coco.json,
+            index.json}, the thermal folder's analyticsData/ 16-bit TIFFs and the root
+            rgb_to_thermal_vid_map.json
 
 Everything is generated from explicit parameters (the module constants below) so tests can
-compute the expected geometry independently. One module of ~590 lines on purpose: the three
+compute the expected geometry independently. One module of ~650 lines on purpose: the three
 writers share those constants and the scene they describe.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -373,7 +376,15 @@ NUSC_BOXES = [
     ('vehicle.bicycle', ['cycle.without_rider'], (-4.0, 1.0, 12.0), 1.7, 0.6, 1.1, 0.0),
     ('movable_object.barrier', [], (0.5, 1.2, 9.0), 2.0, 0.4, 1.0, 0.0),
     ('vehicle.car', [], (0.0, 0.5, -10.0), 4.2, 1.8, 1.5, 0.0),  # behind the camera
+    # At the left image edge: only its pitched true corners reach > 1 px into the stored image
+    # (about 1.4 px at 45 x 80; the upright box of the same centre, size and yaw, 0.8 px).
+    ('human.pedestrian.adult', [], (-8.48, 0.9, 10.0), 0.7, 0.6, 1.75, 0.0),
 ]
+# (pitch, roll) in degrees of each box about its own width and length axes, applied after the
+# yaw: tilts like those of real annotations relative to a camera (median ~1, up to ~4 degrees
+# on a v1.0-trainval scene), some larger. They leave the schema yaw unchanged.
+NUSC_BOX_TILTS_DEG = [(3.0, -2.0), (-1.5, 4.0), (6.0, 5.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0),
+                      (6.0, -3.0)]
 # (scene name, log) in the devkit's official v1.0-mini split lists.
 NUSC_SCENES = (('scene-0061', 'mini_train'), ('scene-0553', 'mini_train'),
                ('scene-0103', 'mini_val'))
@@ -390,11 +401,17 @@ def _token(*parts) -> str:
   return hashlib.md5('/'.join(map(str, parts)).encode()).hexdigest()
 
 
-def _box_rotation_in_camera(yaw: float) -> np.ndarray:
-  """nuScenes box axes (x length, y width/left, z up) expressed in our camera frame."""
+def _box_rotation_in_camera(yaw: float, pitch_deg: float = 0.0,
+                            roll_deg: float = 0.0) -> np.ndarray:
+  """nuScenes box axes (x length, y width/left, z up) expressed in our camera frame: upright
+  at `yaw` about the camera's y axis, then pitched about the box's y and rolled about its x."""
   c, s = np.cos(yaw), np.sin(yaw)
   length, up = np.array([c, 0, -s]), np.array([0, -1.0, 0])
-  return np.stack([length, np.cross(up, length), up], -1)
+  upright = np.stack([length, np.cross(up, length), up], -1)
+  pitch, roll = np.radians(pitch_deg), np.radians(roll_deg)
+  about_y = np.array([[np.cos(pitch), 0, np.sin(pitch)], [0, 1, 0],
+                      [-np.sin(pitch), 0, np.cos(pitch)]])
+  return upright @ about_y @ _rx(roll)
 
 
 def _write_json(path: str, payload) -> None:
@@ -498,7 +515,8 @@ def write_nuscenes(root: str, with_lidarseg: bool = True) -> str:
                      if i + 1 < len(samples) else '')})
       for box_index, (category, attributes, center, length, width, height,
                       yaw) in enumerate(NUSC_BOXES):
-        rotation = global_from_camera[:3, :3] @ _box_rotation_in_camera(yaw)
+        rotation = global_from_camera[:3, :3] @ _box_rotation_in_camera(
+            yaw, *NUSC_BOX_TILTS_DEG[box_index])
         translation = global_from_camera[:3, :3] @ np.asarray(center) + global_from_camera[:3, 3]
         tables['sample_annotation'].append({
             'token': _token('annotation', sample_token, box_index),
@@ -556,43 +574,85 @@ def flir_marker_boxes() -> list[tuple[str, list[float]]]:
           ('face', [40, 40, 5, 5])]  # a category not kept
 
 
-def write_flir(root: str, thermal_16bit: bool = False) -> str:
-  """A FLIR_ADAS_v2-style root with paired video frames, coco.json and the pair map."""
+# 16-bit raw thermal (TLinear counts, 0.04 K each: 7400 ~ 296 K) of the analyticsData/ TIFFs.
+FLIR_RAW_BACKGROUND, FLIR_RAW_PEAK = 7400, 7900
+FLIR_JPEG_BACKGROUND, FLIR_JPEG_PEAK = 30, 240  # the post-processed 8-bit data/ JPEGs
+FLIR_TIFF8_BACKGROUND = 50  # an analyticsData/ TIFF that holds 8-bit data (some in the release)
+
+
+def flir_pair_names() -> list[tuple[str, str]]:
+  """(RGB, thermal) data/ file names of every fixture pair, in writing order."""
+  return [(f'video-{rgb_video}-frame-{frame:06d}-{_token(rgb_video, frame)[:17]}.jpg',
+           f'video-{thermal_video}-frame-{frame:06d}-{_token(thermal_video, frame)[:17]}.jpg')
+          for thermal_video, rgb_video in FLIR_VIDEOS for frame in FLIR_FRAMES]
+
+
+def _conservator_index(dataset_id: str, names, annotations=None, analytics=()) -> dict:
+  """index.json as Teledyne's Conservator writes it, limited to the keys public readers of the
+  release use (datasetId; frames with datasetFrameId, videoMetadata.videoId/frameIndex, md5,
+  analyticsMd5 when the raw frame exists, width/height, annotations with labels and
+  boundingBox; videos with id and filename). The builder reads none of it."""
+  frames, videos = [], {}
+  for i, name in enumerate(names):
+    _, video, _, frame, frame_id = os.path.splitext(name)[0].split('-')
+    videos.setdefault(video, {'id': video, 'filename': f'{video}.zip'})
+    entry = {'datasetFrameId': frame_id, 'md5': _token('md5', name),
+             'videoMetadata': {'videoId': video, 'frameIndex': int(frame)},
+             'annotations': [{'labels': [label], 'boundingBox': dict(zip('xywh', box))}
+                             for label, box in (annotations or [])]}
+    if i in analytics:
+      entry['analyticsMd5'] = _token('analytics', name)
+    frames.append(entry)
+  return {'datasetId': dataset_id, 'frames': frames, 'videos': list(videos.values())}
+
+
+def write_flir(root: str, eight_bit_tiffs: Sequence[int] = (),
+               missing_tiffs: Sequence[int] = ()) -> str:
+  """A FLIR_ADAS_v2 root in the release's layout: rgb_to_thermal_vid_map.json, video_rgb_test/
+  {data/, coco.json, index.json} and video_thermal_test/{data/ (8-bit JPEGs), analyticsData/
+  (16-bit TIFFs of the same stems), coco.json, index.json}. Pairs (flir_pair_names order) in
+  eight_bit_tiffs get an 8-bit analyticsData/ TIFF, those in missing_tiffs none."""
   rgb_u, rgb_v = flir_pixel(FLIR_MARKER_DIRECTION, FLIR_RGB_HW, FLIR_RGB_HFOV_DEG)
   th_u, th_v = flir_pixel(FLIR_MARKER_DIRECTION, FLIR_THERMAL_HW, FLIR_THERMAL_HFOV_DEG,
                           FLIR_THERMAL_VFOV_DEG)
   rgb = np.clip(_blob(FLIR_RGB_HW, (rgb_u, rgb_v), 2.5, 40, 250), 0, 255).astype(np.uint8)
   rgb = np.repeat(rgb[..., None], 3, -1)
-  if thermal_16bit:
-    thermal = _blob(FLIR_THERMAL_HW, (th_u, th_v), 2.0, 29000, 31000).astype(np.uint16)
-  else:
-    thermal = np.clip(_blob(FLIR_THERMAL_HW, (th_u, th_v), 2.0, 30, 240), 0, 255).astype(np.uint8)
-  ext = 'png' if thermal_16bit else 'jpg'
+  blob = functools.partial(_blob, FLIR_THERMAL_HW, (th_u, th_v), 2.0)
+  raw = np.round(blob(FLIR_RAW_BACKGROUND, FLIR_RAW_PEAK)).astype(np.uint16)
+  jpeg = np.clip(blob(FLIR_JPEG_BACKGROUND, FLIR_JPEG_PEAK), 0, 255).astype(np.uint8)
+  tiff8 = np.clip(blob(FLIR_TIFF8_BACKGROUND, FLIR_JPEG_PEAK), 0, 255).astype(np.uint8)
   categories = [{'id': i, 'name': n, 'supercategory': 'unknown'} for i, n in FLIR_COCO_CATEGORIES]
   cat_ids = {n: i for i, n in FLIR_COCO_CATEGORIES}
-  pair_map, images, annotations = {}, [], []
-  for thermal_video, rgb_video in FLIR_VIDEOS:
-    for frame in FLIR_FRAMES:
-      rgb_name = f'video-{rgb_video}-frame-{frame:06d}-{_token(rgb_video, frame)[:17]}.jpg'
-      thermal_name = (f'video-{thermal_video}-frame-{frame:06d}-'
-                      f'{_token(thermal_video, frame)[:17]}.{ext}')
-      pair_map[rgb_name] = thermal_name
-      for folder, name, array in (('video_rgb_test', rgb_name, rgb),
-                                  ('video_thermal_test', thermal_name, thermal)):
-        os.makedirs(os.path.join(root, folder, 'data'), exist_ok=True)
-        Image.fromarray(array).save(os.path.join(root, folder, 'data', name))
-      image_id = len(images)
-      images.append({'id': image_id, 'file_name': f'data/{thermal_name}',
-                     'height': FLIR_THERMAL_HW[0], 'width': FLIR_THERMAL_HW[1],
-                     'extra_info': {'video_id': thermal_video}})
-      for category, bbox in flir_marker_boxes():
-        annotations.append({'id': len(annotations), 'image_id': image_id,
-                            'category_id': cat_ids[category], 'bbox': bbox,
-                            'area': bbox[2] * bbox[3], 'iscrowd': 0})
-  _write_json(os.path.join(root, 'video_thermal_test', 'coco.json'),
+  thermal_dir, rgb_dir = os.path.join(root, 'video_thermal_test'), os.path.join(root,
+                                                                                'video_rgb_test')
+  for folder in (os.path.join(rgb_dir, 'data'), os.path.join(thermal_dir, 'data'),
+                 os.path.join(thermal_dir, 'analyticsData')):
+    os.makedirs(folder, exist_ok=True)
+  pairs = flir_pair_names()
+  images, annotations, analytics = [], [], []
+  for index, (rgb_name, thermal_name) in enumerate(pairs):
+    Image.fromarray(rgb).save(os.path.join(rgb_dir, 'data', rgb_name), quality=95)
+    Image.fromarray(jpeg).save(os.path.join(thermal_dir, 'data', thermal_name), quality=95)
+    if index not in missing_tiffs:
+      analytics.append(index)
+      Image.fromarray(tiff8 if index in eight_bit_tiffs else raw).save(os.path.join(
+          thermal_dir, 'analyticsData', os.path.splitext(thermal_name)[0] + '.tiff'))
+    video = thermal_name.split('-')[1]
+    images.append({'id': index, 'file_name': f'data/{thermal_name}',
+                   'height': FLIR_THERMAL_HW[0], 'width': FLIR_THERMAL_HW[1],
+                   'extra_info': {'video_id': video}})
+    for category, bbox in flir_marker_boxes():
+      annotations.append({'id': len(annotations), 'image_id': index,
+                          'category_id': cat_ids[category], 'bbox': bbox,
+                          'area': bbox[2] * bbox[3], 'iscrowd': 0})
+  _write_json(os.path.join(thermal_dir, 'coco.json'),
               {'images': images, 'annotations': annotations, 'categories': categories,
                'info': {'description': 'fixture'}, 'licenses': []})
-  _write_json(os.path.join(root, 'video_rgb_test', 'coco.json'),
+  _write_json(os.path.join(rgb_dir, 'coco.json'),
               {'images': [], 'annotations': [], 'categories': categories})
-  _write_json(os.path.join(root, 'rgb_to_thermal_vid_map.json'), pair_map)
+  _write_json(os.path.join(thermal_dir, 'index.json'), _conservator_index(
+      'thermalFixture', [t for _, t in pairs], flir_marker_boxes(), analytics))
+  _write_json(os.path.join(rgb_dir, 'index.json'),
+              _conservator_index('rgbFixture', [r for r, _ in pairs]))
+  _write_json(os.path.join(root, 'rgb_to_thermal_vid_map.json'), dict(pairs))
   return root

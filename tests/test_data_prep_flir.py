@@ -1,4 +1,5 @@
-"""data_prep/flir.py on a FLIR ADAS v2-style folder (paired video frames + coco.json)."""
+"""data_prep/flir.py on a folder in the FLIR ADAS v2 release layout (paired video frames:
+8-bit data/ JPEGs, 16-bit analyticsData/ TIFFs, coco.json, index.json, the pair map)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import fixtures_real_formats as fx
+from data_prep import builder
 from data_prep import flir
 from lemumo_jax.data import schema
 
@@ -26,7 +28,14 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def converted(root, tmp_path_factory):
+  """The default build (16-bit raw thermal from analyticsData/)."""
   built = _build(root, tmp_path_factory.mktemp('flir_out'))
+  return built, fx.read_split(built, 'train')
+
+
+@pytest.fixture(scope='module')
+def converted_8bit(root, tmp_path_factory):
+  built = _build(root, tmp_path_factory.mktemp('flir_out8'), thermal_bits=8)
   return built, fx.read_split(built, 'train')
 
 
@@ -55,6 +64,8 @@ def test_pairs_metadata_and_fields(converted):
   assert metadata['companion'] == 'thermal' and metadata['dataset'] == 'flir'
   assert metadata['classes_2d'] == list(flir.FLIR_CLASSES) and metadata['seg_classes'] == []
   assert metadata['image_size'] == [H, W]
+  assert metadata['settings']['options']['thermal_bits'] == 16
+  assert metadata['fallbacks_train'] == {} and metadata['skipped_train'] == {}
   assert {r['meta']['scene'] for r in records} == {t for t, _ in fx.FLIR_VIDEOS}
   assert sorted({r['meta']['frame'] for r in records}) == list(fx.FLIR_FRAMES)
   for record in records:
@@ -64,16 +75,22 @@ def test_pairs_metadata_and_fields(converted):
     assert 0.0 <= record['companion'].min() and record['companion'].max() <= 1.0
 
 
-def test_both_cameras_see_the_marker_at_the_projected_pixel(converted):
-  _, records = converted
+@pytest.mark.parametrize('build', ['converted', 'converted_8bit'])
+def test_both_cameras_see_the_marker_at_the_projected_pixel(build, request):
+  built, records = request.getfixturevalue(build)
   record = records[0]
   k = _shared_intrinsics()
   np.testing.assert_allclose(record['intrinsics'], k, rtol=1e-6)
   u, v, _ = k @ np.array([*fx.FLIR_MARKER_DIRECTION, 1.0])
   for image in (record['rgb'][..., 0].astype(np.float64), record['companion']):
     np.testing.assert_allclose(_centroid(image), (u, v), atol=0.3)
-  # 8-bit thermal / 255: the background stays at the fixture's 30.
-  assert record['companion'][-1, 0] == pytest.approx(30 / 255, abs=0.01)
+  if built.info.metadata['settings']['options']['thermal_bits'] == 8:
+    # the data/ JPEG / 255: the background stays at the fixture's 30
+    assert record['companion'][-1, 0] == pytest.approx(fx.FLIR_JPEG_BACKGROUND / 255, abs=0.01)
+  else:
+    # the analyticsData/ TIFF stretched between its 1st and 99th percentiles
+    assert record['companion'][-1, 0] == pytest.approx(0.0, abs=1e-6)
+    assert record['companion'].max() > 0.8
 
 
 def test_thermal_boxes_move_with_the_grid(converted):
@@ -92,14 +109,48 @@ def test_thermal_boxes_move_with_the_grid(converted):
   assert person[0] == 0.0 and person[2] > 1.0  # clipped at the shared view's left edge
 
 
-def test_sixteen_bit_thermal_is_stretched_to_unit_range(tmp_path):
-  root = fx.write_flir(str(tmp_path / 'raw'), thermal_16bit=True)
-  record = fx.read_split(_build(root, tmp_path / 'out'), 'train')[0]
-  thermal = record['companion']
-  assert thermal[-1, 0] == pytest.approx(0.0, abs=1e-6)  # background = 1st percentile
-  assert thermal.max() > 0.8
-  u, v, _ = _shared_intrinsics() @ np.array([*fx.FLIR_MARKER_DIRECTION, 1.0])
-  np.testing.assert_allclose(_centroid(thermal), (u, v), atol=0.3)
+def test_eight_bit_or_missing_raw_frames_are_named_counted_fallbacks(tmp_path):
+  raw = fx.write_flir(str(tmp_path / 'raw'), eight_bit_tiffs=[1], missing_tiffs=[2])
+  pairs = fx.flir_pair_names()
+  tiff = lambda i: str(tmp_path / 'raw' / 'video_thermal_test' / 'analyticsData' /
+                       pairs[i][1].replace('.jpg', '.tiff'))
+  built = _build(raw, tmp_path / 'out')
+  fallbacks = built.info.metadata['fallbacks_train']
+  assert sorted(fallbacks) == sorted([tiff(1), tiff(2)])
+  assert '8-bit data' in fallbacks[tiff(1)] and pairs[2][1] in fallbacks[tiff(2)]
+  assert ', 2 inputs read through a fallback' in builder.summary(built)
+  backgrounds = {(r['meta']['scene'], r['meta']['frame']): r['companion'][-1, 0]
+                 for r in fx.read_split(built, 'train')}
+  # pair 1: its 8-bit TIFF / 255; pair 2: its data/ JPEG / 255; the rest: the raw frames,
+  # stretched so that the background (1st percentile) is 0
+  expected = {flir.video_and_frame(name): {1: fx.FLIR_TIFF8_BACKGROUND / 255,
+                                           2: fx.FLIR_JPEG_BACKGROUND / 255}.get(i, 0.0)
+              for i, (_, name) in enumerate(pairs)}
+  assert backgrounds.keys() == expected.keys()
+  for key, value in expected.items():
+    assert backgrounds[key] == pytest.approx(value, abs=0.01), key
+  # 8-bit asked: the data/ JPEGs, nothing to fall back from
+  eight = _build(raw, tmp_path / 'out8', thermal_bits=8)
+  assert eight.info.metadata['fallbacks_train'] == {}
+
+
+def test_another_thermal_source_is_a_rebuild_that_is_refused(root, tmp_path):
+  _build(root, tmp_path / 'out', thermal_bits=8)
+  with pytest.raises(ValueError, match=r"settings\.options: .*'thermal_bits': 8.*"
+                                       r"'thermal_bits': 16"):
+    _build(root, tmp_path / 'out')
+
+
+def test_bad_thermal_options_are_named(root, tmp_path):
+  with pytest.raises(ValueError, match='thermal_bits=12'):
+    _build(root, tmp_path / 'out', thermal_bits=12)
+  no_raw = str(tmp_path / 'no_raw')
+  shutil.copytree(root, no_raw)
+  shutil.rmtree(os.path.join(no_raw, 'video_thermal_test', 'analyticsData'))
+  with pytest.raises(FileNotFoundError, match=r'video_thermal_test/analyticsData not found.*'
+                                              r'thermal_bits'):
+    _build(no_raw, tmp_path / 'out')
+  assert _build(no_raw, tmp_path / 'out8', thermal_bits=8).info.splits['train'].num_examples == 6
 
 
 def test_video_split_keeps_whole_videos(root, tmp_path):
@@ -115,15 +166,21 @@ def test_video_split_keeps_whole_videos(root, tmp_path):
 def test_corrupt_pairs_are_skipped_and_recorded(root, tmp_path):
   raw = str(tmp_path / 'raw')
   shutil.copytree(root, raw)
-  with open(os.path.join(raw, 'rgb_to_thermal_vid_map.json')) as f:
-    pairs = sorted(json.load(f).items())
-  os.remove(os.path.join(raw, 'video_thermal_test', 'data', pairs[0][1]))
+  pairs = fx.flir_pair_names()
+  thermal = os.path.join(raw, 'video_thermal_test')
+  tiff = lambda i: os.path.join(thermal, 'analyticsData', pairs[i][1].replace('.jpg', '.tiff'))
+  with open(tiff(0), 'wb') as f:
+    f.write(b'II*\x00 truncated tiff')
   with open(os.path.join(raw, 'video_rgb_test', 'data', pairs[1][0]), 'wb') as f:
     f.write(b'\xff\xd8 truncated jpeg')
+  os.remove(tiff(2))  # and its data/ JPEG: nothing left to fall back to
+  os.remove(os.path.join(thermal, 'data', pairs[2][1]))
   built = _build(raw, tmp_path / 'out')
-  assert sorted(os.path.basename(p) for p in built.info.metadata['skipped_train']) == sorted(
-      [pairs[0][1], pairs[1][0]])
-  assert built.info.splits['train'].num_examples == 4
+  assert sorted(built.info.metadata['skipped_train']) == sorted(
+      [tiff(0), os.path.join(raw, 'video_rgb_test', 'data', pairs[1][0]),
+       os.path.join(thermal, 'data', pairs[2][1])])
+  assert built.info.metadata['fallbacks_train'] == {}  # pair 2 was not written
+  assert built.info.splits['train'].num_examples == 3
 
 
 def test_normalize_thermal():

@@ -1,6 +1,8 @@
 """data_prep/nuscenes.py on a v1.0-mini-style table set loaded by nuscenes-devkit, built as a
 TFDS dataset."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -9,10 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+from nuscenes.nuscenes import NuScenes
+from nuscenes.utils.geometry_utils import BoxVisibility
+from nuscenes.utils.geometry_utils import view_points
 
 import fixtures_real_formats as fx
 from data_prep import nuscenes as nusc_prep
-from lemumo_jax.data import geometry
 from lemumo_jax.data import schema
 from lemumo_jax.data import sources
 
@@ -45,7 +49,7 @@ def test_splits_and_metadata(converted):
   assert {r['meta']['scene'] for r in val} == {'scene-0103'}
   assert metadata['dataset'] == 'nuscenes' and metadata['image_size'] == [H, W]
   assert metadata['seg_classes'] == list(nusc_prep.SEG_CLASSES)
-  assert metadata['box_counts_train']['3d'] == {'car': 4, 'pedestrian': 4, 'cyclist': 4}
+  assert metadata['box_counts_train']['3d'] == {'car': 4, 'pedestrian': 8, 'cyclist': 4}
   assert metadata['inputs']['units'] == {'train': 2, 'val': 1}
   assert all(r['meta']['camera'] == 'CAM_FRONT' for r in train)
 
@@ -81,14 +85,59 @@ def test_lidar_points_land_at_expected_pixels_with_depth_and_label(converted):
 def test_boxes_in_camera_frame_with_class_mapping(converted):
   _, train, _ = converted
   record = train[1]
-  np.testing.assert_array_equal(record['boxes3d_cls'], [0, 1, 2])  # car, pedestrian, cyclist
+  # car, pedestrian, cyclist and the pedestrian at the image edge; the riderless bicycle, the
+  # barrier and the car behind the camera are dropped.
+  np.testing.assert_array_equal(record['boxes3d_cls'], [0, 1, 2, 1])
   expected = np.array([[*center, length, width, height, yaw] for _, _, center, length, width,
-                       height, yaw in fx.NUSC_BOXES[:3]])
-  np.testing.assert_allclose(record['boxes3d'], expected, atol=1e-4)
-  boxes2d, keep = geometry.boxes3d_to_2d(expected, record['intrinsics'], H, W)
-  assert keep.all()
-  np.testing.assert_allclose(record['boxes2d'], boxes2d, atol=1e-3)
-  np.testing.assert_array_equal(record['boxes2d_cls'], [0, 1, 2])
+                       height, yaw in [*fx.NUSC_BOXES[:3], fx.NUSC_BOXES[6]]])
+  np.testing.assert_allclose(record['boxes3d'], expected, atol=1e-4)  # pitch/roll keep the yaw
+  np.testing.assert_array_equal(record['boxes2d_cls'], [0, 1, 2, 1])
+
+
+def _devkit_boxes2d(nusc, sample_token: str) -> tuple[np.ndarray, np.ndarray]:
+  """The devkit's projection of each kept annotation's true corners (Box.corners() in the
+  camera frame from NuScenes.get_sample_data, view_points with the calibrated intrinsics),
+  moved to the stored grid and clipped and kept as the builder does: ([N, 4], [N] classes)."""
+  camera_token = nusc.get('sample', sample_token)['data']['CAM_FRONT']
+  _, boxes, k = nusc.get_sample_data(camera_token, box_vis_level=BoxVisibility.NONE)
+  (src_h, src_w), out, classes = fx.NUSC_IMAGE_HW, [], []
+  for box in boxes:
+    annotation = nusc.get('sample_annotation', box.token)
+    cls = nusc_prep.box_class(box.name, [nusc.get('attribute', t)['name']
+                                         for t in annotation['attribute_tokens']])
+    corners = box.corners()
+    u, v = view_points(corners, k, normalize=True)[:2]
+    u, v = (u + 0.5) * W / src_w, (v + 0.5) * H / src_h  # OpenCV pixels -> the stored grid
+    x1, x2 = np.clip([u.min(), u.max()], 0, W)
+    y1, y2 = np.clip([v.min(), v.max()], 0, H)
+    if cls is not None and np.all(corners[2] > 0.1) and x2 - x1 > 1 and y2 - y1 > 1:
+      out.append([x1, y1, x2, y2])
+      classes.append(cls)
+  return np.array(out).reshape(-1, 4), np.array(classes)
+
+
+def test_2d_boxes_are_the_devkits_projection_of_the_true_corners(dataroot, converted):
+  """The fixture's boxes are pitched and rolled relative to the camera (up to 6 degrees), so an
+  upright box about the camera's y axis misses by ~0.4 px here and drops the edge pedestrian."""
+  _, train, val = converted
+  with contextlib.redirect_stdout(io.StringIO()):
+    nusc = NuScenes(fx.NUSC_VERSION, dataroot, verbose=False)
+  samples = {(s['name'], i): token for s in nusc.scene
+             for i, token in enumerate(_sample_tokens(nusc, s))}
+  for record in train + val:
+    boxes, classes = _devkit_boxes2d(nusc, samples[record['meta']['scene'],
+                                                   record['meta']['frame']])
+    np.testing.assert_array_equal(record['boxes2d_cls'], classes)
+    # float32 storage of pixel coordinates below 80: ~1e-5 px; the issue asked for 0.05 px
+    np.testing.assert_allclose(record['boxes2d'], boxes, atol=1e-4, rtol=0)
+
+
+def _sample_tokens(nusc, scene) -> list[str]:
+  tokens, token = [], scene['first_sample_token']
+  while token:
+    tokens.append(token)
+    token = nusc.get('sample', token)['next']
+  return tokens
 
 
 def test_without_lidarseg_the_seg_map_is_ignore(tmp_path):

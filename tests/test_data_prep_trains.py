@@ -196,8 +196,9 @@ def test_resume_on_a_dataset_rebuilt_in_place_is_refused(tmp_path):
                      companion=paper_config.data.companion)
   config.views.companion_resize = paper_config.views.companion_resize
   pretrain.train(config, str(tmp_path / 'run'))
-  thermal = sorted((tmp_path / 'raw' / 'video_thermal_test' / 'data').iterdir())
-  thermal[0].unlink()  # one pair loses its thermal frame: 5 records after the rebuild
+  thermal = sorted((tmp_path / 'raw' / 'video_thermal_test' / 'data').iterdir())[0]
+  thermal.unlink()  # one pair loses both thermal frames: 5 records after the rebuild
+  (tmp_path / 'raw' / 'video_thermal_test' / 'analyticsData' / f'{thermal.stem}.tiff').unlink()
   fx.build(flir.LemumoFlir, tmp_path / 'raw', tmp_path / 'tfds', 48, 64, val_percent=0,
            overwrite=True)
   config.train.num_steps = 4
