@@ -29,11 +29,8 @@ that made it, and the totals by category (views, encoder forward/backward, ...).
 from __future__ import annotations
 
 import collections
-import json
 import os
-import subprocess
 import sys
-import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ['JAX_PLATFORMS'] = 'cpu'  # the targets are compiled for, not run on
@@ -42,6 +39,8 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
+
+from benchmarks import isolated
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/waymo.py', 'Config file; each --rows entry is applied on top of it.',
@@ -65,11 +64,7 @@ REFERENCE_ROW = 'lejepa_rgb'
 
 
 def _row_config(row: str):
-  from configs import common  # pylint: disable=g-import-not-at-top
-  config = common.apply_method(_CONFIG.value.copy_and_resolve_references(), row)
-  if _BATCH_SIZE.value is not None:
-    config.train.batch_size = _BATCH_SIZE.value
-  return config
+  return isolated.row_config(_CONFIG.value, row, _BATCH_SIZE.value)
 
 
 def _parse_value(text: str):
@@ -160,44 +155,6 @@ def _measure(row: str, target_name: str) -> dict:
   return result
 
 
-def _child_argv(row: str, target_name: str, result_file: str) -> list[str]:
-  own = ('rows', 'targets', 'result_file')
-  argv, skip = [], False
-  for arg in sys.argv[1:]:
-    if skip:
-      skip = False
-      continue
-    name = arg.lstrip('-').split('=')[0]
-    if name in own:
-      skip = '=' not in arg
-      continue
-    if name in ('isolate', 'noisolate'):
-      continue
-    argv.append(arg)
-  return [sys.executable, '-m', 'benchmarks.aot', *argv, f'--rows={row}',
-          f'--targets={target_name}', '--noisolate', f'--result_file={result_file}']
-
-
-def _run_isolated(row: str, target_name: str) -> dict:
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'row.json')
-    child = subprocess.run(_child_argv(row, target_name, path), capture_output=True, text=True,
-                           check=False)
-    if child.returncode != 0:
-      raise RuntimeError(f'row {row!r} on {target_name} failed (exit {child.returncode}):\n'
-                         f'{child.stderr[-4000:]}')
-    with open(path) as f:
-      return json.load(f)[0]
-
-
-def _fmt(value, spec: str) -> str:
-  return 'n/a' if value is None else format(value, spec)
-
-
-def _ratio(value, reference):
-  return None if value is None or not reference else value / reference
-
-
 def tables(results: list[dict]) -> str:
   """One cost table and one memory table per target."""
   gb = lambda b: None if b is None else b / 1e9
@@ -219,12 +176,12 @@ def tables(results: list[dict]) -> str:
       est_util = None if est is None else roof['compute_ms'] / est
       out.append(
           f'| {r["row"]} | {r["flops"] / 1e12:.3f} | {r["flops_source"]} | '
-          f'{r["transcendentals"] / 1e9:.2f} | {_fmt(gb(r["cost_model_bytes"]), ".1f")} | '
+          f'{r["transcendentals"] / 1e9:.2f} | {isolated.fmt(gb(r["cost_model_bytes"]), ".1f")} | '
           f'{r["hbm_bytes"] / 1e9:.1f} | {roof["bytes_per_flop"]:.4f} | '
-          f'{roof["step_ms"]:.1f} | {roof["utilisation"]:.0%} | {_fmt(est, ".1f")} | '
-          f'{_fmt(est_util, ".0%")} | {r["compile_s"]:.0f} | '
-          f'{_fmt(_ratio(roof["step_ms"], ref and ref["roofline"]["step_ms"]), ".3f")} | '
-          f'{_fmt(_ratio(r["flops"], ref and ref["flops"]), ".3f")} |')
+          f'{roof["step_ms"]:.1f} | {roof["utilisation"]:.0%} | {isolated.fmt(est, ".1f")} | '
+          f'{isolated.fmt(est_util, ".0%")} | {r["compile_s"]:.0f} | '
+          f'{isolated.fmt(isolated.ratio(roof["step_ms"], ref and ref["roofline"]["step_ms"]), ".3f")} | '
+          f'{isolated.fmt(isolated.ratio(r["flops"], ref and ref["flops"]), ".3f")} |')
     out.append(f'ridge point: {first["roofline"]["ridge_bytes_per_flop"]:.4f} bytes/FLOP\n')
     out.append('| row | arguments GB | outputs GB | donated GB | temporaries GB | code GB | '
                'total GB | memory / rgb |')
@@ -235,7 +192,7 @@ def tables(results: list[dict]) -> str:
           f'| {r["row"]} | {m["argument"] / 1e9:.2f} | {m["output"] / 1e9:.2f} | '
           f'{m["alias"] / 1e9:.2f} | {m["temp"] / 1e9:.2f} | {m["generated_code"] / 1e9:.3f} | '
           f'{m["total"] / 1e9:.2f} | '
-          f'{_fmt(_ratio(m["total"], ref and ref["memory"]["total"]), ".3f")} |')
+          f'{isolated.fmt(isolated.ratio(m["total"], ref and ref["memory"]["total"]), ".3f")} |')
   return '\n'.join(out)
 
 
@@ -248,7 +205,7 @@ def breakdown_text(result: dict) -> str:
   for name, c in sorted(b['categories'].items(), key=lambda kv: -kv[1]['hbm_bytes']):
     est = c['cycles'] / clock * 1e3 if clock and c['cycles'] else None
     lines.append(f'| {name} | {c["ops"]} | {c["flops"] / 1e12:.3f} | {c["hbm_bytes"] / 1e9:.2f} | '
-                 f'{_fmt(est, ".2f")} |')
+                 f'{isolated.fmt(est, ".2f")} |')
   for key, title in (('hbm_bytes', 'HBM bytes'), ('flops', 'FLOPs'), ('cycles', 'cycles')):
     ranked = [r for r in b['top'][key] if r[key]]
     if not ranked:
@@ -259,18 +216,15 @@ def breakdown_text(result: dict) -> str:
     for r in ranked:
       lines.append(f'| {r["name"]} ({r["opcode"]} {r["kind"]}) | {r["category"]} | '
                    f'{r["source"]} | {r["flops"] / 1e9:.1f} | {r["hbm_bytes"] / 1e6:.1f} | '
-                   f'{_fmt(r["cycles"] and r["cycles"] / 1e6, ".2f")} | `{r["shape"]}` |')
+                   f'{isolated.fmt(r["cycles"] and r["cycles"] / 1e6, ".2f")} | `{r["shape"]}` |')
   return '\n'.join(lines)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  from configs import common  # pylint: disable=g-import-not-at-top
   from lemumo_jax import aot  # pylint: disable=g-import-not-at-top
-  unknown = [row for row in _ROWS.value if row not in common.METHODS]
-  if unknown:
-    raise app.UsageError(f'--rows: unknown rows {unknown}; choose from {common.method_names()}')
+  isolated.check_rows(_ROWS.value)
   bad = [t for t in _TARGETS.value if t not in aot.TARGETS]
   if bad:
     raise app.UsageError(f'--targets: unknown {bad}; choose from {sorted(aot.TARGETS)}')
@@ -279,18 +233,14 @@ def main(argv):
   results = []
   for target_name in _TARGETS.value:
     for row in _ROWS.value:
-      result = (_run_isolated(row, target_name) if _ISOLATE.value
-                else _measure(row, target_name))
+      result = (isolated.run_child('benchmarks.aot', {'rows': row, 'targets': target_name},
+                                   f'row {row!r} on {target_name}')
+                if _ISOLATE.value else _measure(row, target_name))
       results.append(result)
       if _RESULT_FILE.value is None:
         print(f'{row} on {target_name}: compiled in {result["compile_s"]:.0f} s', flush=True)
-  if _RESULT_FILE.value is not None:
-    with open(_RESULT_FILE.value, 'w') as f:
-      json.dump(results, f)
+  if isolated.write_results(results, _RESULT_FILE.value, _JSON_OUT.value):
     return
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, 'w') as f:
-      json.dump(results, f, indent=2)
   print(f'\n{flags.FLAGS["config"].config_filename}, compiled on this host for each target')
   print(tables(results))
   for result in results:

@@ -35,17 +35,15 @@ Device peak memory is a process-wide high-water mark that cannot be reset, so by
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
+
+from benchmarks import isolated
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/waymo.py', 'Config file; each --rows entry is applied on top of it.',
@@ -68,11 +66,7 @@ REFERENCE_ROW = 'lejepa_rgb'
 
 
 def _row_config(row: str):
-  from configs import common  # pylint: disable=g-import-not-at-top
-  config = common.apply_method(_CONFIG.value.copy_and_resolve_references(), row)
-  if _BATCH_SIZE.value is not None:
-    config.train.batch_size = _BATCH_SIZE.value
-  return config
+  return isolated.row_config(_CONFIG.value, row, _BATCH_SIZE.value)
 
 
 def _measure_step(row: str) -> dict:
@@ -139,47 +133,6 @@ def _context(config, setup) -> dict:
           'data': config.data.name, 'warmup': _WARMUP.value, 'steps': _STEPS.value}
 
 
-def _child_argv(row: str, result_file: str) -> list[str]:
-  """This command line for one row: --rows/--isolate/--result_file replaced."""
-  own = ('rows', 'result_file')
-  argv, skip = [], False
-  for arg in sys.argv[1:]:
-    if skip:
-      skip = False
-      continue
-    name = arg.lstrip('-').split('=')[0]
-    if name in own:
-      skip = '=' not in arg
-      continue
-    if name in ('isolate', 'noisolate'):
-      continue
-    argv.append(arg)
-  return [sys.executable, '-m', 'benchmarks.step', *argv, f'--rows={row}', '--noisolate',
-          f'--result_file={result_file}']
-
-
-def _run_isolated(row: str) -> dict:
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'row.json')
-    child = subprocess.run(_child_argv(row, path), capture_output=True, text=True,
-                           check=False)
-    if child.returncode != 0:
-      raise RuntimeError(f'row {row!r} failed (exit {child.returncode}):\n'
-                         f'{child.stderr[-4000:]}')
-    with open(path) as f:
-      return json.load(f)[0]
-
-
-def _ratio(value, reference):
-  if value is None or reference in (None, 0):
-    return None
-  return value / reference
-
-
-def _fmt(value, spec: str) -> str:
-  return 'n/a' if value is None else format(value, spec)
-
-
 def step_table(results: list[dict]) -> str:
   ref = next((r for r in results if r['row'] == REFERENCE_ROW), None)
   gb = lambda b: None if b is None else b / 1e9
@@ -190,11 +143,11 @@ def step_table(results: list[dict]) -> str:
   for r in results:
     lines.append(
         f'| {r["row"]} | {r["step_ms"]:.1f} | {r["samples_per_sec"]:.1f} | '
-        f'{r["tflops"]:.4g} | {_fmt(r["mfu"], ".1%")} | {_fmt(gb(r["peak_bytes"]), ".2f")} | '
-        f'{_fmt(gb(r["xla_memory_bytes"]), ".3f")} | '
-        f'{_fmt(_ratio(r["step_ms"], ref and ref["step_ms"]), ".2f")} | '
-        f'{_fmt(_ratio(r["step_flops"], ref and ref["step_flops"]), ".2f")} | '
-        f'{_fmt(_ratio(memory(r), ref and memory(ref)), ".2f")} |')
+        f'{r["tflops"]:.4g} | {isolated.fmt(r["mfu"], ".1%")} | {isolated.fmt(gb(r["peak_bytes"]), ".2f")} | '
+        f'{isolated.fmt(gb(r["xla_memory_bytes"]), ".3f")} | '
+        f'{isolated.fmt(isolated.ratio(r["step_ms"], ref and ref["step_ms"]), ".2f")} | '
+        f'{isolated.fmt(isolated.ratio(r["step_flops"], ref and ref["step_flops"]), ".2f")} | '
+        f'{isolated.fmt(isolated.ratio(memory(r), ref and memory(ref)), ".2f")} |')
   return '\n'.join(lines)
 
 
@@ -214,27 +167,20 @@ def input_table(results: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  from configs import common  # pylint: disable=g-import-not-at-top
-  unknown = [row for row in _ROWS.value if row not in common.METHODS]
-  if unknown:
-    raise app.UsageError(f'--rows: unknown rows {unknown}; choose from {common.method_names()}')
+  isolated.check_rows(_ROWS.value)
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError(f'--steps must be >= 1 and --warmup >= 0, got {_STEPS.value} and '
                          f'{_WARMUP.value}')
   measure = _measure_step if _MODE.value == 'step' else _measure_input
   results = []
   for row in _ROWS.value:
-    result = _run_isolated(row) if _ISOLATE.value else measure(row)
+    result = (isolated.run_child('benchmarks.step', {'rows': row}, f'row {row!r}')
+              if _ISOLATE.value else measure(row))
     results.append(result)
     if _RESULT_FILE.value is None:
       print(f'{row}: done', flush=True)
-  if _RESULT_FILE.value is not None:
-    with open(_RESULT_FILE.value, 'w') as f:
-      json.dump(results, f)
+  if isolated.write_results(results, _RESULT_FILE.value, _JSON_OUT.value):
     return
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, 'w') as f:
-      json.dump(results, f, indent=2)
   first = results[0]
   print(f'\n{flags.FLAGS["config"].config_filename} on {first["num_devices"]} x '
         f'{first["device_kind"]} ({first["backend"]}); batch {first["batch_size"]}, views '
