@@ -67,31 +67,6 @@ def _row_config(row: str):
   return isolated.row_config(_CONFIG.value, row, _BATCH_SIZE.value)
 
 
-def _parse_value(text: str):
-  lowered = text.lower()
-  if lowered in ('true', 'false'):
-    return lowered == 'true'
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
-def compiler_options(target_name: str, entries: list[str]) -> dict:
-  """--compiler_options entries that name `target_name`, as {key: value}."""
-  options = {}
-  for entry in entries:
-    name, sep, setting = entry.partition(':')
-    key, eq, value = setting.partition('=')
-    if not sep or not eq or not key:
-      raise app.UsageError(f'--compiler_options: {entry!r} is not target:key=value')
-    if name == target_name:
-      options[key] = _parse_value(value)
-  return options
-
-
 def category(op) -> str:
   """The part of the step an op belongs to, from its source frames and JAX op path."""
   files = ' '.join(f for f, _, _ in op.stack)
@@ -138,7 +113,7 @@ def _measure(row: str, target_name: str) -> dict:
   from lemumo_jax import aot  # pylint: disable=g-import-not-at-top
   t = aot.target(target_name)
   config = _row_config(row)
-  step = aot.compile_step(config, t, compiler_options=compiler_options(target_name,
+  step = aot.compile_step(config, t, compiler_options=aot.compiler_options(target_name,
                                                                        _COMPILER_OPTIONS.value))
   result = {'row': row, **aot.summary(step), 'batch_size': int(config.train.batch_size),
             'model': {k: config.model[k] for k in ('width', 'depth', 'num_heads', 'patch_size',
@@ -229,7 +204,10 @@ def main(argv):
   if bad:
     raise app.UsageError(f'--targets: unknown {bad}; choose from {sorted(aot.TARGETS)}')
   for target_name in _TARGETS.value:
-    compiler_options(target_name, _COMPILER_OPTIONS.value)  # malformed entries fail first
+    try:  # malformed entries fail before anything compiles
+      aot.compiler_options(target_name, _COMPILER_OPTIONS.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   results = []
   for target_name in _TARGETS.value:
     for row in _ROWS.value:

@@ -75,6 +75,31 @@ def target(name: str) -> Target:
   return TARGETS[name]
 
 
+def _parse_value(text: str):
+  lowered = text.lower()
+  if lowered in ('true', 'false'):
+    return lowered == 'true'
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def compiler_options(target_name: str, entries: list[str]) -> dict:
+  """--compiler_options entries that name `target_name`, as {key: value}."""
+  options = {}
+  for entry in entries:
+    name, sep, setting = entry.partition(':')
+    key, eq, value = setting.partition('=')
+    if not sep or not eq or not key:
+      raise ValueError(f'--compiler_options: {entry!r} is not target:key=value')
+    if name == target_name:
+      options[key] = _parse_value(value)
+  return options
+
+
 def target_devices(t: Target) -> list:
   """The target's devices, from its compiler's topology (no device needed)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
