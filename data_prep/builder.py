@@ -16,6 +16,12 @@ companion, stored image size, the converter options, the inputs each split was b
 inputs skipped as corrupt, the inputs read through a fallback and the count of frames whose
 companion map is empty (no LiDAR).
 
+Storage (Config): RGB as the source JPEG (default), PNG or raw uint8 pixels; the companion as
+zlib float32 (default) or uncompressed uint16 codes (schema.companion_to_uint16); the shards
+zstd-compressed per record (TFDS's writer) or rewritten uncompressed after the build. Raw +
+uint16 + uncompressed is what the pretraining loader reads fastest (~2x the disk of the
+default; benchmarks/data_throughput.py).
+
 A unit that cannot be decoded raises CorruptInputError(path, reason): it is dropped whole,
 logged and listed in metadata.json; a converter may also skip single frames through
 `report(path, reason)`, and name an input it could only read in a lesser form (FLIR: an 8-bit
@@ -104,7 +110,16 @@ class Config(tfds.core.BuilderConfig):
   """What the paper varies per dataset: stored frame size, cameras and converter options."""
   image_height: int = 320
   image_width: int = 480
-  rgb_format: str = 'jpeg'  # 'jpeg' (the source JPEG, or quality 95) or 'png' (lossless)
+  # 'jpeg' (the source JPEG, or quality 95), 'png' (lossless) or 'raw' (the uint8 pixels
+  # themselves: 3x the bytes of a JPEG on disk, no decoding when read; see RGB_FORMATS).
+  rgb_format: str = 'jpeg'
+  # 'float32' (zlib-compressed) or 'uint16' (round(value * 65535), uncompressed: half the
+  # bytes to the device, no inflating when read; see COMPANION_FORMATS).
+  companion_format: str = 'float32'
+  # The array_record files: 'zstd' (TFDS's writer, zstd level 3 per record) or 'none' (the
+  # same records rewritten uncompressed after the build: a read is a copy; with raw RGB and
+  # uint16 companions zstd saves ~1/3 of the disk and costs ~0.5 ms of CPU per frame read).
+  record_compression: str = 'zstd'
   skip_without_companion: bool = False  # drop frames whose companion map is empty
   options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the module's Options
 
@@ -116,18 +131,53 @@ class Config(tfds.core.BuilderConfig):
 
   def settings(self) -> dict[str, Any]:
     """Everything that determines the records, as JSON (recorded in metadata.json)."""
-    return json.loads(json.dumps({
-        'image_size': [self.image_height, self.image_width], 'rgb_format': self.rgb_format,
-        'skip_without_companion': self.skip_without_companion, 'options': self.options}))
+    settings = {'image_size': [self.image_height, self.image_width],
+                'rgb_format': self.rgb_format,
+                'skip_without_companion': self.skip_without_companion, 'options': self.options}
+    # Absent = the default, so that datasets built before these options still match.
+    if self.companion_format != 'float32':
+      settings['companion_format'] = self.companion_format
+    if self.record_compression != 'zstd':
+      settings['record_compression'] = self.record_compression
+    return json.loads(json.dumps(settings))
 
 
-def features(height: int, width: int, rgb_format: str) -> tfds.features.FeaturesDict:
-  """The TFDS features of schema.py's record (+ has_companion); static image shapes."""
+RGB_FORMATS = ('jpeg', 'png', 'raw')
+COMPANION_FORMATS = ('float32', 'uint16')
+RECORD_COMPRESSIONS = ('zstd', 'none')
+_UNCOMPRESSED = 'group_size:1,uncompressed'  # TFDS's group_size, no compressor
+_REWRITE_SUFFIX = '.uncompressed-tmp'
+
+
+def _check_formats(rgb_format: str, companion_format: str) -> None:
+  if rgb_format not in RGB_FORMATS:
+    raise ValueError(f'rgb_format must be one of {RGB_FORMATS}, got {rgb_format!r}')
+  if companion_format not in COMPANION_FORMATS:
+    raise ValueError(f'companion_format must be one of {COMPANION_FORMATS}, got '
+                     f'{companion_format!r}')
+
+
+def features(height: int, width: int, rgb_format: str,
+             companion_format: str = 'float32') -> tfds.features.FeaturesDict:
+  """The TFDS features of schema.py's record (+ has_companion); static image shapes. RGB
+  'raw' and companion 'uint16' are stored as the array's bytes (Encoding.BYTES: a read is a
+  copy, no JPEG decode or zlib inflate)."""
+  _check_formats(rgb_format, companion_format)
   zlib_map = functools.partial(tfds.features.Tensor, shape=(height, width),
                                encoding=tfds.features.Encoding.ZLIB)
+  if rgb_format == 'raw':
+    rgb = tfds.features.Tensor(shape=(height, width, 3), dtype=np.uint8,
+                               encoding=tfds.features.Encoding.BYTES)
+  else:
+    rgb = tfds.features.Image(shape=(height, width, 3), encoding_format=rgb_format)
+  if companion_format == 'uint16':
+    companion = tfds.features.Tensor(shape=(height, width), dtype=np.uint16,
+                                     encoding=tfds.features.Encoding.BYTES)
+  else:
+    companion = zlib_map(dtype=np.float32)
   return tfds.features.FeaturesDict({
-      'rgb': tfds.features.Image(shape=(height, width, 3), encoding_format=rgb_format),
-      'companion': zlib_map(dtype=np.float32),
+      'rgb': rgb,
+      'companion': companion,
       'depth_target': zlib_map(dtype=np.float32),
       'seg': zlib_map(dtype=np.uint8),
       'boxes3d': tfds.features.Tensor(shape=(None, 7), dtype=np.float32),
@@ -153,17 +203,25 @@ def encode_image(rgb: np.ndarray, rgb_format: str) -> bytes:
   return buffer.getvalue()
 
 
-def to_example(record: Mapping[str, Any], source_jpeg: bytes | None,
-               rgb_format: str) -> dict[str, Any]:
-  """A validated schema record -> the features dict TFDS encodes."""
+def to_example(record: Mapping[str, Any], source_jpeg: bytes | None, rgb_format: str,
+               companion_format: str = 'float32') -> dict[str, Any]:
+  """A validated schema record -> the features dict TFDS encodes (features())."""
   schema.validate(record)
-  if source_jpeg is None or rgb_format != 'jpeg':
-    source_jpeg = encode_image(np.asarray(record['rgb']), rgb_format)
+  _check_formats(rgb_format, companion_format)
+  if rgb_format == 'raw':
+    rgb = np.ascontiguousarray(record['rgb'], np.uint8)
+  elif source_jpeg is None or rgb_format != 'jpeg':
+    rgb = encode_image(np.asarray(record['rgb']), rgb_format)
+  else:
+    rgb = source_jpeg
   example = {key: np.asarray(record[key], np.dtype(dtype))
              for key, (dtype, _) in schema.FIELDS.items() if key != 'rgb'}
+  has_companion = bool(np.any(example['companion'] > 0))
+  if companion_format == 'uint16':
+    example['companion'] = schema.companion_to_uint16(example['companion'])
   meta = record['meta']
   example.update(
-      rgb=source_jpeg, has_companion=bool(np.any(example['companion'] > 0)),
+      rgb=rgb, has_companion=has_companion,
       meta={'dataset': str(meta['dataset']), 'scene': str(meta['scene']),
             'camera': str(meta['camera']), 'frame': int(meta['frame']),
             'timestamp': int(meta['timestamp'])})
@@ -177,7 +235,7 @@ class _Convert(beam.DoFn):
                classes_2d: Sequence[str]):
     self._make_converter = make_converter
     self._classes_3d, self._classes_2d = tuple(schema.CLASSES_3D), tuple(classes_2d)
-    self._rgb_format = config.rgb_format
+    self._rgb_format, self._companion_format = config.rgb_format, config.companion_format
     self._skip_empty = config.skip_without_companion
     self._converter = None
 
@@ -187,7 +245,7 @@ class _Convert(beam.DoFn):
   def process(self, unit: WorkUnit):
     report = Report()
     try:  # a unit is converted whole first, so a file found corrupt halfway adds nothing
-      frames = [to_example(record, jpeg, self._rgb_format)
+      frames = [to_example(record, jpeg, self._rgb_format, self._companion_format)
                 for record, jpeg in self._converter.convert(unit.payload, report)]
     except CorruptInputError as e:
       report(e.path, e.reason)
@@ -246,7 +304,8 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return self.dataset_info_from_configs(
         description=f'{self.DATASET} frames in the lemumo_jax record schema '
                     '(lemumo_jax/data/schema.py).',
-        features=features(cfg.image_height, cfg.image_width, cfg.rgb_format),
+        features=features(cfg.image_height, cfg.image_width, cfg.rgb_format,
+                          cfg.companion_format),
         metadata=metadata)
 
   def _split_generators(self, dl_manager, pipeline):
@@ -313,6 +372,9 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if self.data_path.exists() and not overwrite:
       self._check_same_build(os.fspath(download_config.manual_dir))
     _remove_incomplete(self.data_path)
+    if self.builder_config.record_compression not in RECORD_COMPRESSIONS:
+      raise ValueError(f'record_compression must be one of {RECORD_COMPRESSIONS}, got '
+                       f'{self.builder_config.record_compression!r}')
     try:
       super().download_and_prepare(download_dir=download_dir, download_config=download_config,
                                    file_format=file_format or 'array_record')
@@ -324,6 +386,11 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           f'{self.data_path}: split(s) [{match[1]!r}] hold no record: every input of it was '
           'skipped (each is logged above as "skipping <path>: <reason>") or converted to '
           'nothing; nothing was written') from e
+    if self.builder_config.record_compression == 'none':
+      # Also on a reused dataset: a rewrite killed halfway is finished here.
+      for split in self.info.splits.values():
+        for path in split.filepaths:
+          rewrite_uncompressed(os.fspath(path))
 
   def _check_same_build(self, manual_dir: str) -> None:
     path = os.path.join(os.fspath(self.data_path), 'metadata.json')
@@ -342,6 +409,37 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise ValueError(f'{self.data_path} was built from other inputs or settings ('
                        + '; '.join(differ) + '); rebuild with --overwrite (tfds build '
                        '--overwrite), or pass another --data_dir or --config')
+
+
+def rewrite_uncompressed(path: str) -> bool:
+  """Rewrites one array_record shard with the same records, uncompressed, atomically (a
+  temporary file beside it, its record count checked, then renamed over it); False when it
+  already is. A killed rewrite leaves the original shard and a temporary file the next call
+  replaces."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    if 'uncompressed' in reader.writer_options_string().split(','):
+      return False
+    count = reader.num_records()
+    temporary = path + _REWRITE_SUFFIX
+    writer = array_record_module.ArrayRecordWriter(temporary, _UNCOMPRESSED)
+    for start in range(0, count, 64):
+      for record in reader.read(list(range(start, min(start + 64, count)))):
+        writer.write(record)
+    writer.close()
+  finally:
+    reader.close()
+  check = array_record_module.ArrayRecordReader(temporary)
+  written = check.num_records()
+  check.close()
+  if written != count:
+    os.remove(temporary)
+    raise RuntimeError(f'{path}: the uncompressed rewrite holds {written} of {count} records; '
+                       'the original shard is unchanged')
+  os.replace(temporary, path)
+  logging.info('rewrote %s uncompressed (%d records)', path, count)
+  return True
 
 
 def _remove_incomplete(data_path) -> None:

@@ -298,13 +298,15 @@ def write_waymo_segment(path: str, num_frames: int, **frame_kwargs) -> str:
 
 
 def build(builder_cls, manual_dir, data_dir, height: int, width: int, *, rgb_format='png',
-          skip_without_companion=False, pipeline_options='', overwrite=False, **options):
+          skip_without_companion=False, pipeline_options='', overwrite=False,
+          companion_format='float32', record_compression='zstd', **options):
   """Builds the dataset with the first config of builder_cls at [height, width] and the given
-  converter options (data_prep.builder.build, the CLI's own entry)."""
+  storage formats and converter options (data_prep.builder.build, the CLI's own entry)."""
   from data_prep import builder  # pylint: disable=g-import-not-at-top
   config = builder_cls.BUILDER_CONFIGS[0].derive(
       f'test_{height}x{width}', options, image_height=height, image_width=width,
-      rgb_format=rgb_format, skip_without_companion=skip_without_companion)
+      rgb_format=rgb_format, skip_without_companion=skip_without_companion,
+      companion_format=companion_format, record_compression=record_compression)
   return builder.build(builder_cls, manual_dir=str(manual_dir), data_dir=str(data_dir),
                        config=config, pipeline_options=pipeline_options, overwrite=overwrite)
 

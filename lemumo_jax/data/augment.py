@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lemumo_jax.data import schema
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601 luma, the weights of torchvision's rgb_to_grayscale.
@@ -394,6 +396,8 @@ def _check_inputs(rgb_u8, companion):
   if companion.shape != rgb_u8.shape[:3]:
     raise ValueError(f'companion must be [B, H, W] = {rgb_u8.shape[:3]} like rgb, '
                      f'got shape {companion.shape}')
+  if companion.dtype == jnp.uint16:  # stored codes (builder companion_format 'uint16')
+    companion = schema.companion_from_uint16(companion)
   return companion[..., None]
 
 
@@ -402,7 +406,8 @@ def make_views(key: jax.Array, rgb_u8: jax.Array, companion: jax.Array, cfg: Vie
                seg: jax.Array | None = None) -> dict[str, jax.Array]:
   """Multi-crop views of a batch, synchronised across RGB and companion.
 
-  rgb_u8 [B, H, W, 3] uint8; companion [B, H, W] (or [B, H, W, 1]) float32. sample_ids [B]
+  rgb_u8 [B, H, W, 3] uint8; companion [B, H, W] (or [B, H, W, 1]) float32, or uint16 codes
+  (schema.companion_from_uint16). sample_ids [B]
   int (default arange(B), the global batch position) seeds each sample's views; pass dataset
   indices or global positions when calling per shard (shard_map). Returns
     global_rgb [Vg, B, G, G, 3] float32 normalised, global_companion [Vg, B, G, G, 1],

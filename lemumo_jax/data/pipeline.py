@@ -27,7 +27,7 @@ from lemumo_jax.tasks import targets
 
 def _resize_frame(record: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   """rgb [H, W, 3] uint8 (bilinear) and companion [H, W] float32 (nearest: depth values are
-  never interpolated) at the configured size."""
+  never interpolated) at the configured size; uint16 companion codes stay codes."""
   rgb, companion = record['rgb'], record['companion']
   if rgb.shape[:2] != (height, width):
     rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
@@ -37,7 +37,9 @@ def _resize_frame(record: dict[str, Any], height: int, width: int) -> tuple[np.n
     cols = np.minimum(((np.arange(width) + 0.5) * companion.shape[1] / width).astype(int),
                       companion.shape[1] - 1)
     companion = companion[rows[:, None], cols[None, :]]
-  return rgb, companion.astype(np.float32)
+  if companion.dtype != np.uint16:
+    companion = companion.astype(np.float32, copy=False)
+  return rgb, companion
 
 
 class _PretrainFrame(grain.transforms.Map):
@@ -45,6 +47,7 @@ class _PretrainFrame(grain.transforms.Map):
 
   def __init__(self, height: int, width: int, with_seg: bool = False):
     self._height, self._width, self._with_seg = height, width, with_seg
+    self.keys = ('rgb', 'companion', 'seg') if with_seg else ('rgb', 'companion')
 
   def map(self, record):
     rgb, companion = _resize_frame(record, self._height, self._width)
@@ -66,8 +69,9 @@ def _host_batch(global_batch_size: int) -> int:
   return global_batch_size // num_hosts
 
 
-def _host_records(data_cfg, split: str):
-  source = sources.build_source(data_cfg, split)
+def _host_records(data_cfg, split: str, keys: tuple[str, ...] | None = None,
+                  companion_codes: bool = False):
+  source = sources.build_source(data_cfg, split, keys, companion_codes)
   return source, grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
 
 
@@ -103,7 +107,10 @@ def _training_batches(data_cfg, split: str,
   """Shuffled, repeated, batched; batch i is a pure function of (seed, i). A RandomMap frame
   draws from a generator seeded by (seed, position in the repeated order)."""
   host_batch = _host_batch(global_batch_size)
-  source, records = _host_records(data_cfg, split)
+  if isinstance(frame, _PretrainFrame):  # reads two fields; uint16 companions stay codes
+    source, records = _host_records(data_cfg, split, frame.keys, companion_codes=True)
+  else:
+    source, records = _host_records(data_cfg, split)
   _require_one_batch(repr(source), len(records), host_batch)
   dataset = _epoch_order(records, seed, num_steps, host_batch)
   if isinstance(frame, grain.transforms.RandomMap):
@@ -142,6 +149,9 @@ def pretrain_loader(data_cfg, global_batch_size: int, *, seed: int, start_step: 
 
   Each element: {'rgb': [b, H, W, 3] uint8, 'companion': [b, H, W] float32} with
   b = global_batch_size / process_count; with_seg (views.with_seg) adds 'seg' [b, H, W] uint8.
+  Only those fields are decoded. A dataset built with companion_format 'uint16' yields the
+  companion as its uint16 codes (half the bytes to the device; the step divides them,
+  augment.make_views).
   """
   height, width = data_cfg.image_size
   return _training_batches(data_cfg, split, _PretrainFrame(height, width, with_seg),

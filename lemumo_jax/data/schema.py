@@ -19,8 +19,9 @@ Camera frame: x right, y down, z forward (metres). A 3D box is (x, y, z) = geome
 y axis (KITTI's rotation_y convention; yaw 0 means the length runs along camera x). See
 `geometry.box3d_corners`.
 
-Storage: data_prep/builder.py's TFDS features (RGB as the source JPEG or PNG, the dense maps
-zlib-compressed), in array_record files read back by data/sources.py.
+Storage: data_prep/builder.py's TFDS features (RGB as the source JPEG, PNG or raw pixels; the
+dense maps zlib-compressed, or the companion as uncompressed uint16 = round(value * 65535)),
+in array_record files read back by data/sources.py.
 """
 
 from __future__ import annotations
@@ -51,6 +52,26 @@ FIELDS: dict[str, tuple[str, tuple[Any, ...]]] = {
 META_KEYS = ('dataset', 'scene', 'frame', 'camera', 'timestamp')
 
 
+# The companion stored (and shipped to the device) as uint16: value = code / COMPANION_CODES,
+# a step of 1.2 mm of LiDAR depth at R_MAX, finer than a 16-bit thermal frame's counts.
+COMPANION_CODES = 65535
+
+
+def companion_to_uint16(companion: np.ndarray) -> np.ndarray:
+  """[0, 1] float companion -> uint16 codes (nearest)."""
+  companion = np.asarray(companion, np.float32)
+  if companion.size and (companion.min() < 0 or companion.max() > 1):
+    raise SchemaError(f'companion values must lie in [0, 1] to be stored as uint16, got '
+                      f'[{companion.min()}, {companion.max()}]')
+  return np.round(companion.astype(np.float64) * COMPANION_CODES).astype(np.uint16)
+
+
+def companion_from_uint16(codes):
+  """uint16 codes -> float32 companion: codes / COMPANION_CODES in float32 (numpy or jax
+  arrays alike; one IEEE division, so host and device agree bit for bit)."""
+  return codes.astype(np.float32) / np.float32(COMPANION_CODES)
+
+
 class SchemaError(ValueError):
   """A record does not match the schema; the message names the key and shape."""
 
@@ -65,14 +86,24 @@ def empty_boxes() -> dict[str, np.ndarray]:
   }
 
 
-def validate(record: Mapping[str, Any], where: str = 'record') -> None:
-  """Raises SchemaError naming the first key whose presence, dtype or shape is wrong."""
-  missing = [k for k in (*FIELDS, 'meta') if k not in record]
+def validate(record: Mapping[str, Any], where: str = 'record',
+             keys: tuple[str, ...] | None = None) -> None:
+  """Raises SchemaError naming the first key whose presence, dtype or shape is wrong. `keys`:
+  the FIELDS a partial record holds (a stage's read, sources.TfdsSource(keys=...)); default
+  all of them and meta. A companion may be uint16 codes (companion_from_uint16)."""
+  fields = tuple(FIELDS) if keys is None else tuple(keys)
+  unknown = [k for k in fields if k not in FIELDS]
+  if unknown:
+    raise SchemaError(f'{where}: unknown keys {unknown}; the schema has {list(FIELDS)}')
+  missing = [k for k in (*fields, *(('meta',) if keys is None else ())) if k not in record]
   if missing:
     raise SchemaError(f'{where}: missing keys {missing}')
   dims: dict[str, int] = {}
-  for key, (dtype, pattern) in FIELDS.items():
+  for key in fields:
+    dtype, pattern = FIELDS[key]
     value = np.asarray(record[key])
+    if key == 'companion' and value.dtype == np.uint16:
+      dtype = 'uint16'
     if value.dtype != np.dtype(dtype):
       raise SchemaError(f'{where}: {key!r} has dtype {value.dtype}, expected {dtype}')
     if value.ndim != len(pattern):
@@ -85,13 +116,15 @@ def validate(record: Mapping[str, Any], where: str = 'record') -> None:
       if not ok:
         raise SchemaError(
             f'{where}: {key!r} has shape {value.shape}, expected {pattern} with {dims}')
-  meta = record['meta']
-  if not isinstance(meta, Mapping) or any(k not in meta for k in META_KEYS):
-    raise SchemaError(f'{where}: meta must be a dict with keys {META_KEYS}, got {meta!r}')
+  if 'meta' in record or keys is None:
+    meta = record['meta']
+    if not isinstance(meta, Mapping) or any(k not in meta for k in META_KEYS):
+      raise SchemaError(f'{where}: meta must be a dict with keys {META_KEYS}, got {meta!r}')
   for key in ('companion', 'depth_target'):
-    if not np.all(np.isfinite(record[key])):
+    value = np.asarray(record[key]) if key in fields else None
+    if value is not None and value.dtype.kind == 'f' and not np.all(np.isfinite(value)):
       raise SchemaError(f'{where}: {key!r} has non-finite values')
-  for key in ('boxes3d_cls',):
+  for key in ('boxes3d_cls',) if 'boxes3d_cls' in fields else ():
     cls = np.asarray(record[key])
     if cls.size and (cls.min() < 0 or cls.max() >= len(CLASSES_3D)):
       raise SchemaError(f'{where}: {key!r} values must index CLASSES_3D {CLASSES_3D}')

@@ -23,10 +23,23 @@ class TfdsSource:
 
   Before anything is read, every shard the dataset info lists is opened and its record count
   compared with the info: a missing, empty or truncated shard stops here, named.
+
+  keys: the schema FIELDS a stage reads (default all of them and meta). The others are neither
+  parsed out of the stored Example nor decoded (no JPEG decode or zlib inflate of maps the
+  stage drops) and are absent from the records. companion_codes: a companion stored as uint16 (builder
+  companion_format 'uint16') is returned as those codes (the pretraining loader ships them to
+  the device, which divides; schema.companion_from_uint16) instead of as float32.
   """
 
-  def __init__(self, data_dir: str, split: str):
+  def __init__(self, data_dir: str, split: str, keys: tuple[str, ...] | None = None,
+               companion_codes: bool = False):
     self.data_dir, self.split = data_dir, split
+    self.keys = None if keys is None else tuple(keys)
+    self.companion_codes = companion_codes
+    if self.keys is not None:
+      unknown = [k for k in self.keys if k not in schema.FIELDS]
+      if unknown:
+        raise ValueError(f'TfdsSource keys {unknown} are not schema fields {list(schema.FIELDS)}')
     builder = tfds_builder(data_dir)
     if split not in builder.info.splits:
       raise ValueError(f'{data_dir} has splits {sorted(builder.info.splits)}, not {split!r}')
@@ -36,6 +49,9 @@ class TfdsSource:
     _check_shards(self._paths, list(info.shard_lengths), info.num_examples)
     self._features = builder.info.features
     self._source = builder.as_data_source(split)
+    self._read_keys = None
+    if self.keys is not None:  # parse and decode only these features of the stored Example
+      self._read_keys = _KeysReader(self._features, self.keys)
 
   def __len__(self) -> int:
     return self._starts[-1]
@@ -47,10 +63,12 @@ class TfdsSource:
     shard = bisect.bisect_right(self._starts, index) - 1
     where = f'{self._paths[shard]}[{index - self._starts[shard]}]'
     try:
-      record = from_example(self._source[index])
+      example = (self._source[index] if self._read_keys is None else
+                 self._read_keys(self._source.data_source[index]))
+      record = from_example(example, self.keys, self.companion_codes)
     except Exception as e:  # pylint: disable=broad-except
       raise schema.SchemaError(f'{where}: cannot read record ({type(e).__name__}: {e})') from e
-    schema.validate(record, where)
+    schema.validate(record, where, self.keys)
     return record
 
   def __repr__(self) -> str:
@@ -58,10 +76,26 @@ class TfdsSource:
 
   def __getstate__(self):
     # Readers hold file handles; reopen them in grain worker processes.
-    return {'data_dir': self.data_dir, 'split': self.split}
+    return {'data_dir': self.data_dir, 'split': self.split, 'keys': self.keys,
+            'companion_codes': self.companion_codes}
 
   def __setstate__(self, state):
-    self.__init__(state['data_dir'], state['split'])
+    self.__init__(**state)
+
+
+class _KeysReader:
+  """Serialized tf.Example -> the decoded features `keys` only (TFDS's numpy parser and
+  decoders over a FeaturesDict of just those: the other features are neither converted nor
+  decoded)."""
+
+  def __init__(self, features, keys: tuple[str, ...]):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.core import example_parser  # pylint: disable=g-import-not-at-top
+    self._features = tfds.features.FeaturesDict({k: features[k] for k in keys})
+    self._parser = example_parser.ExampleParserNp(self._features.get_serialized_info())
+
+  def __call__(self, serialized: bytes) -> dict[str, Any]:
+    return self._features.decode_example_np(self._parser.parse_example(serialized))
 
 
 def tfds_builder(data_dir: str):
@@ -108,10 +142,21 @@ def _check_shards(paths: list[str], lengths: list[int], num_examples: int) -> No
                        '(truncated or replaced); rebuild the dataset')
 
 
-def from_example(example: dict[str, Any]) -> dict[str, Any]:
-  """A decoded example of data_prep/builder.py's features -> the schema record."""
-  record = {key: np.asarray(example[key], np.dtype(dtype))
-            for key, (dtype, _) in schema.FIELDS.items()}
+def from_example(example: dict[str, Any], keys: tuple[str, ...] | None = None,
+                 companion_codes: bool = False) -> dict[str, Any]:
+  """A decoded example of data_prep/builder.py's features -> the schema record (only `keys`
+  when given; a uint16 companion as float32 unless companion_codes)."""
+  record = {}
+  for key, (dtype, _) in schema.FIELDS.items():
+    if keys is not None and key not in keys:
+      continue
+    value = np.asarray(example[key])
+    if key == 'companion' and value.dtype == np.uint16:
+      record[key] = value if companion_codes else schema.companion_from_uint16(value)
+    else:
+      record[key] = value.astype(np.dtype(dtype), copy=False)
+  if keys is not None:
+    return record
   meta = example['meta']
   text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
   record['meta'] = {'dataset': text(meta['dataset']), 'scene': text(meta['scene']),
@@ -121,8 +166,10 @@ def from_example(example: dict[str, Any]) -> dict[str, Any]:
   return record
 
 
-def build_source(data_cfg, split: str):
-  """The record source of `data_cfg.name` ('synthetic' or 'tfds') for `split`."""
+def build_source(data_cfg, split: str, keys: tuple[str, ...] | None = None,
+                 companion_codes: bool = False):
+  """The record source of `data_cfg.name` ('synthetic' or 'tfds') for `split`; `keys` and
+  `companion_codes` as TfdsSource's (the synthetic scenes render every field, as float32)."""
   if data_cfg.name == 'synthetic':
     from lemumo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     num = {'train': data_cfg.num_train, 'val': data_cfg.num_val}.get(split)
@@ -133,7 +180,7 @@ def build_source(data_cfg, split: str):
                                      companion=data_cfg.companion, seed=data_cfg.seed,
                                      split=split, object_range=tuple(data_cfg.object_range))
   if data_cfg.name == 'tfds':
-    return TfdsSource(data_cfg.data_dir, split)
+    return TfdsSource(data_cfg.data_dir, split, keys, companion_codes)
   raise ValueError(f"config.data.name must be 'synthetic' or 'tfds' (a dataset built by "
                    f"data_prep/), got {data_cfg.name!r}")
 
