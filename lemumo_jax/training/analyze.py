@@ -15,7 +15,6 @@ per encoder) and analysis.json, both written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -51,12 +50,12 @@ def encoder_label(method: str, model_cfg) -> str:
 
 
 def _exported_meta(directory: str, key: str) -> dict[str, Any]:
-  path = os.path.join(directory, 'encoder_config.json')
-  if not os.path.exists(path):
+  meta = state_lib.read_encoder_config(directory)  # a truncated file is named
+  if meta is None:
+    path = os.path.join(directory, 'encoder_config.json')
     raise FileNotFoundError(f'{path} not found (config.{key}={directory!r}): point it at the '
                             f'encoder/ directory a pretraining run exported')
-  with open(path) as f:
-    return json.load(f)
+  return meta
 
 
 def _describe(role: str, directory: str, key: str, loaded, label: str) -> dict[str, Any]:

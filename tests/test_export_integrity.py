@@ -1,0 +1,71 @@
+"""Exported encoders are verified against their fingerprint on every load (issue 33, part 2)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from lemumo_jax.training import state as state_lib
+
+
+def _export(workdir):
+  from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+  config = tiny_config('lemumo')
+  init_state, _, _ = pretrain.build(config, state_lib.make_mesh(), 4)
+  params = jax.jit(init_state)(jax.random.PRNGKey(0)).params['encoder']
+  return state_lib.export_encoder(str(workdir), params, config, step=4), params
+
+
+def _data_files(directory):
+  found = []
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 4096 and '/params_' in path:
+        found.append(path)
+  return sorted(found, key=os.path.getsize)
+
+
+def test_export_loads_back_verified(tmp_path):
+  directory, params = _export(tmp_path)
+  _, loaded, _ = state_lib.load_encoder(directory)
+  assert state_lib.params_fingerprint(loaded) == state_lib.params_fingerprint(params)
+
+
+@pytest.mark.parametrize('fraction', [0.3, 0.5, 0.7, 0.9])
+def test_a_flipped_byte_in_the_params_is_refused(tmp_path, fraction):
+  directory, _ = _export(tmp_path)
+  target = _data_files(directory)[-1]  # the largest file: the arrays' bytes
+  with open(target, 'r+b') as f:
+    data = bytearray(f.read())
+    offset = int(len(data) * fraction)
+    data[offset] ^= 0x01
+    f.seek(0)
+    f.write(data)
+  with pytest.raises(ValueError, match='params_4_.*(do not match the fingerprint|cannot be read)'):
+    state_lib.load_encoder(directory)
+
+
+def test_an_export_without_fingerprint_is_refused(tmp_path):
+  directory, _ = _export(tmp_path)
+  from lemumo_jax import files  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, 'encoder_config.json')
+  meta = state_lib.read_encoder_config(directory)
+  del meta['fingerprint']
+  files.write_json_atomic(path, meta)
+  with pytest.raises(ValueError, match='names no params fingerprint'):
+    state_lib.load_encoder(directory)
+
+
+def test_analyze_names_a_truncated_encoder_config(tmp_path):
+  from lemumo_jax.training import analyze  # pylint: disable=g-import-not-at-top
+  directory, _ = _export(tmp_path)
+  path = os.path.join(directory, 'encoder_config.json')
+  with open(path) as f:
+    text = f.read()
+  with open(path, 'w') as f:
+    f.write(text[:len(text) // 2])
+  with pytest.raises(ValueError, match='encoder_config.json'):
+    analyze._exported_meta(directory, 'analyze.reference')  # pylint: disable=protected-access
