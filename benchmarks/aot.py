@@ -208,15 +208,10 @@ def main(argv):
       aot.compiler_options(target_name, _COMPILER_OPTIONS.value)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-  results = []
-  for target_name in _TARGETS.value:
-    for row in _ROWS.value:
-      result = (isolated.run_child('benchmarks.aot', {'rows': row, 'targets': target_name},
-                                   f'row {row!r} on {target_name}')
-                if _ISOLATE.value else _measure(row, target_name))
-      results.append(result)
-      if _RESULT_FILE.value is None:
-        print(f'{row} on {target_name}: compiled in {result["compile_s"]:.0f} s', flush=True)
+  jobs = [({'rows': row, 'targets': target_name}, f'row {row!r} on {target_name}',
+           (row, target_name)) for target_name in _TARGETS.value for row in _ROWS.value]
+  results = isolated.measure_all('benchmarks.aot', jobs, _measure, _ISOLATE.value,
+                                 quiet=_RESULT_FILE.value is not None)
   if isolated.write_results(results, _RESULT_FILE.value, _JSON_OUT.value):
     return
   print(f'\n{flags.FLAGS["config"].config_filename}, compiled on this host for each target')

@@ -59,6 +59,20 @@ def run_child(module: str, replaced: dict[str, str], label: str) -> dict:
       return json.load(f)[0]
 
 
+def measure_all(module: str, jobs, measure, isolate: bool, quiet: bool) -> list[dict]:
+  """One result per job (replaced flags, label, measure's arguments): in a child process
+  (run_child) when `isolate`, else measure(*arguments) here; a progress line per job unless
+  `quiet` (a child's own run)."""
+  results = []
+  for replaced, label, arguments in jobs:
+    result = run_child(module, replaced, label) if isolate else measure(*arguments)
+    results.append(result)
+    if not quiet:
+      print(f'{label}: done' + (f', compiled in {result["compile_s"]:.0f} s'
+                                if 'compile_s' in result else ''), flush=True)
+  return results
+
+
 def write_results(results: list[dict], result_file: str | None, json_out: str | None) -> bool:
   """A child writes its results to --result_file (True: it is done); the parent also writes
   them to --json_out when given (False: it goes on to print its table)."""

@@ -172,13 +172,9 @@ def main(argv):
     raise app.UsageError(f'--steps must be >= 1 and --warmup >= 0, got {_STEPS.value} and '
                          f'{_WARMUP.value}')
   measure = _measure_step if _MODE.value == 'step' else _measure_input
-  results = []
-  for row in _ROWS.value:
-    result = (isolated.run_child('benchmarks.step', {'rows': row}, f'row {row!r}')
-              if _ISOLATE.value else measure(row))
-    results.append(result)
-    if _RESULT_FILE.value is None:
-      print(f'{row}: done', flush=True)
+  jobs = [({'rows': row}, f'row {row!r}', (row,)) for row in _ROWS.value]
+  results = isolated.measure_all('benchmarks.step', jobs, measure, _ISOLATE.value,
+                                 quiet=_RESULT_FILE.value is not None)
   if isolated.write_results(results, _RESULT_FILE.value, _JSON_OUT.value):
     return
   first = results[0]
