@@ -250,11 +250,51 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
           'another data_dir: edit data.data_dir in the workdir\'s config.json)')
 
 
+# config.<key>: (low, high, low inclusive, high inclusive); None = unbounded.
+_RANGES = {
+    'optim.lr': (0.0, None, False, False),
+    'optim.weight_decay': (0.0, None, True, False),
+    'optim.b1': (0.0, 1.0, True, False),
+    'optim.b2': (0.0, 1.0, True, False),
+    'optim.warmup_fraction': (0.0, 1.0, True, True),
+    'optim.final_lr_fraction': (0.0, 1.0, True, True),
+    'optim.grad_clip': (0.0, None, True, False),
+}
+
+
+def check_ranges(config: ml_collections.ConfigDict, ranges=None) -> None:
+  """Each config.<key> of `ranges` (default _RANGES) is a number in its interval."""
+  for key, (low, high, low_in, high_in) in (ranges or _RANGES).items():
+    section, name = key.split('.')
+    value = config[section][name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (low is None or value > low or (low_in and value == low))
+    ok = ok and (high is None or value < high or (high_in and value == high))
+    if not ok:
+      interval = (f'{"[" if low_in else "("}{"-inf" if low is None else low}, '
+                  f'{"inf" if high is None else high}{"]" if high_in else ")"}')
+      raise ValueError(f'config.{key}={value!r} must be a number in {interval}')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The loop's settings, before anything reads data or compiles."""
+  """The loop's, optimizer's, views' and patch settings, before anything reads data, compiles
+  or writes."""
   loop.check_schedule(config.train, 'train', ('log_every', 'checkpoint_every',
                                               'keep_checkpoints'))
   loop.check_pair(config.data.image_size, 'data.image_size')
+  check_ranges(config)
+  loop.check_positive(config.model, 'model', ('patch_size', 'img_size'))
+  loop.check_positive(config.views, 'views', ('num_global', 'global_size', 'local_size'))
+  if config.model.img_size % config.model.patch_size:
+    raise ValueError(f'config.model.img_size={config.model.img_size} is not a multiple of '
+                     f'config.model.patch_size={config.model.patch_size}')
+  num_local = config.views.num_local
+  if isinstance(num_local, bool) or not isinstance(num_local, int) or num_local < 0:
+    raise ValueError(f'config.views.num_local={num_local!r} must be an integer >= 0')
+  for key in ('global_size', 'local_size') if num_local else ('global_size',):
+    if config.views[key] % config.model.patch_size:
+      raise ValueError(f'config.views.{key}={config.views[key]} is not a multiple of '
+                       f'config.model.patch_size={config.model.patch_size}')
 
 
 def build(config: ml_collections.ConfigDict, mesh, total_steps: int):
