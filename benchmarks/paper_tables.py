@@ -141,6 +141,19 @@ def select_rows(rows: Sequence[str], from_preset: bool,
   return selected
 
 
+def check_seeds(values: Sequence[str]) -> list[str]:
+  """--seeds as distinct non-negative integers (they name run folders: nothing else may
+  become a path)."""
+  seeds = [str(v).strip() for v in values]
+  bad = [s for s in seeds if not s.isdigit() or not s.isascii()]
+  if bad or not seeds:
+    raise ValueError(f'--seeds: {bad or seeds} are not non-negative integers (e.g. --seeds=0,1,2)')
+  seeds = [str(int(s)) for s in seeds]
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f'--seeds: {seeds} repeats a seed')
+  return seeds
+
+
 def display_name(row: str) -> str | None:
   base, kind = split_row(row)
   name = DISPLAY_NAMES.get(base)
@@ -369,7 +382,10 @@ def main(argv):
     if os.path.normpath(_CONFIG.value) != os.path.normpath(preset.config):
       print(f'(the paper ran this table with --config={preset.config}; running with '
             f'--config={_CONFIG.value})', flush=True)
-  seeds = list(_SEEDS.value)
+  try:
+    seeds = check_seeds(_SEEDS.value)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
   if _CLAIMS.value and not flags.FLAGS['seeds'].present:
     seeds = [str(s) for s in range(CLAIM_SEEDS)]
   if _CLAIMS.value:

@@ -90,6 +90,20 @@ def test_unknown_row_fails_with_the_row_named(python_env, tmp_path):
   assert 'no_such_row' in proc.stdout + proc.stderr
 
 
+def test_seeds_are_validated_before_they_become_paths(python_env, tmp_path):
+  assert paper_tables.check_seeds(['0', ' 2', '007']) == ['0', '2', '7']
+  for bad in (['0/../../escape'], ['-1'], ['1.5'], [''], ['1', '01']):
+    with pytest.raises(ValueError, match='--seeds'):
+      paper_tables.check_seeds(bad)
+  out = tmp_path / 'out'
+  cmd = [sys.executable, '-m', 'benchmarks.paper_tables', '--rows=lemumo',
+         '--seeds=0/../../escape', f'--out_dir={out}', '--', *TINY_FLAGS]
+  proc = subprocess.run(cmd, cwd=REPO, env=python_env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0 and 'are not non-negative integers' in proc.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, inside or out
+
+
 # ------------------------------------------------------------------------- table presets
 
 
