@@ -88,6 +88,11 @@ def main(argv):
   if repeated:
     raise app.UsageError(f'--config.{", --config.".join(repeated)} given more than once: '
                          f'ml_collections would append the tuples; give each once')
+  if any(a.split('=')[0] in ('--config.method', '-config.method') for a in sys.argv[1:]):
+    raise app.UsageError(
+        '--config.method would rename the run without applying its row\'s settings (model '
+        'family, objective, views): choose the row with --config=<config file>:<row>, e.g. '
+        '--config=configs/synthetic.py:lejepa_rgb')
   if explicit and not _DISTRIBUTED.value:
     raise app.UsageError(f'{", ".join(explicit)} only apply with --distributed')
   if _DISTRIBUTED.value:

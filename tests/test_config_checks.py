@@ -51,3 +51,15 @@ def test_a_negative_lr_writes_nothing(tmp_path):
   assert run.returncode != 0
   assert 'config.optim.lr=-1.0 must be a number' in run.stderr
   assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_config_method_override_is_refused(tmp_path):
+  workdir = tmp_path / 'run'
+  run = subprocess.run(
+      [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
+       f'--workdir={workdir}', '--config.method=lejepa_rgb'],
+      cwd=REPO, capture_output=True, text=True, check=False,
+      env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'})
+  assert run.returncode != 0
+  assert "--config=<config file>:<row>" in run.stderr
+  assert not workdir.exists()

@@ -69,3 +69,13 @@ def test_analyze_names_a_truncated_encoder_config(tmp_path):
     f.write(text[:len(text) // 2])
   with pytest.raises(ValueError, match='encoder_config.json'):
     analyze._exported_meta(directory, 'analyze.reference')  # pylint: disable=protected-access
+
+
+def test_an_encoder_of_another_row_is_refused(tmp_path):
+  from lemumo_jax.training import pretrained  # pylint: disable=g-import-not-at-top
+  directory, _ = _export(tmp_path)
+  config = tiny_config('lemumo')
+  pretrained.load_encoder(directory, config.model, 'probe.encoder_dir', 'lemumo')
+  with pytest.raises(ValueError, match="pretrained as 'lemumo', not as this run's config.method "
+                                       "'lemumo_vicreg'"):
+    pretrained.load_encoder(directory, config.model, 'probe.encoder_dir', 'lemumo_vicreg')

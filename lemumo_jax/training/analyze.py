@@ -72,7 +72,8 @@ def _load_encoders(config: ml_collections.ConfigDict, workdir: str) -> list[dict
   role, label, method, family, encoder_dir, step, module, params, model_cfg."""
   row_dir = pretrained.resolve_dir(config.probe.encoder_dir, 'probe.encoder_dir', workdir)
   encoders = [_describe('row', row_dir, 'probe.encoder_dir',
-                        pretrained.load_encoder(row_dir, config.model, 'probe.encoder_dir'),
+                        pretrained.load_encoder(row_dir, config.model, 'probe.encoder_dir',
+                                                config.method),
                         config.analyze.label)]
   if config.analyze.reference_dir:
     ref_dir = os.path.abspath(config.analyze.reference_dir)

@@ -148,7 +148,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   metadata, heads, image_hw = setup.metadata, setup.heads, setup.image_hw
   encoder_dir = pretrained.resolve_dir(ft.encoder_dir, 'finetune.encoder_dir', workdir)
   encoder, encoder_params, model_cfg = pretrained.load_encoder(encoder_dir, config.model,
-                                                               'finetune.encoder_dir')
+                                                               'finetune.encoder_dir',
+                                                               config.method)
   check_run_config(finetune_dir, config, encoder_dir, encoder_params)
   views = downstream.views(config, 'finetune', setup, int(model_cfg['patch_size']))
   geometry, frame, mesh = views.geometry, views.frame, views.mesh

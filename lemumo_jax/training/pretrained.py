@@ -44,11 +44,14 @@ def model_mismatches(exported: dict[str, Any],
   return {k: (exported[k], current[k]) for k in sorted(keys) if exported[k] != current[k]}
 
 
-def load_encoder(directory: str, model_cfg: ml_collections.ConfigDict, key: str):
+def load_encoder(directory: str, model_cfg: ml_collections.ConfigDict, key: str,
+                 method: str | None = None):
   """(module, params, exported model config) of the encoder in `directory`.
 
   Raises FileNotFoundError when it holds no exported encoder and ValueError when its model
-  config differs from `model_cfg` (config.model) in any key both have.
+  config differs from `model_cfg` (config.model) in any key both have, or when it was
+  pretrained as another row than `method` (config.method: the report would carry that row's
+  name), or when its params do not match its fingerprint (state.verified_params).
   """
   meta = state_lib.read_encoder_config(directory)
   if meta is None:
@@ -56,6 +59,11 @@ def load_encoder(directory: str, model_cfg: ml_collections.ConfigDict, key: str)
         f'{os.path.join(directory, "encoder_config.json")} not found (config.{key}='
         f'{directory!r}): pretrain first, or point config.{key} at the encoder/ directory a '
         f'pretraining run exported')
+  if method is not None and meta.get('method') not in (None, method):
+    raise ValueError(f'the encoder in {directory} was pretrained as {meta["method"]!r}, not '
+                     f'as this run\'s config.method {method!r}: use --config=<dataset>.py:'
+                     f'{meta["method"]} (its row), or point config.{key} at a {method!r} '
+                     f'encoder')
   exported = meta['model']
   diffs = model_mismatches(exported, model_cfg)
   if diffs:

@@ -72,7 +72,7 @@ def _load_encoder(config: ml_collections.ConfigDict, workdir: str, image_hw):
   if config.probe.encoder == 'pretrained':
     directory = pretrained.resolve_dir(config.probe.encoder_dir, 'probe.encoder_dir', workdir)
     module, params, model_cfg = pretrained.load_encoder(directory, config.model,
-                                                        'probe.encoder_dir')
+                                                        'probe.encoder_dir', config.method)
     return module, params, model_cfg, f'pretrained ({directory})'
   if config.probe.encoder == 'raw':
     module = encoders.InputPatches(int(config.model.patch_size),
