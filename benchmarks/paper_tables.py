@@ -401,6 +401,7 @@ def main(argv):
 
   pending = [(row, seed) for row in rows for seed in seeds if not done(row, seed)]
   _check_transfer_encoders(pending, _TRANSFER_FROM.value)
+  runs.check_free([run_dir(out_dir, row, seed) for row, seed in pending])
 
   def made_with(row):
     transfer = split_row(row)[1] in (TRANSFER, FINETUNE)

@@ -4,8 +4,10 @@ seed statistics."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -167,9 +169,33 @@ def paired_summary(gains: Sequence[float]) -> dict[str, Any]:
           'wins': int(sum(g > 0 for g in gains)), 'seeds': n}
 
 
+def _die_with_parent() -> None:
+  """In the child before exec: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG), so a
+  killed paper_tables leaves no run writing on; lemumo_jax.main takes SIGTERM as a
+  preemption (checkpoint, exit)."""
+  try:
+    libc = ctypes.CDLL('libc.so.6', use_errno=True)
+  except OSError:  # not Linux: no equivalent; the workdir locks still refuse a second writer
+    return
+  libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+  if os.getppid() == 1:  # the parent died before prctl took effect
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def check_free(workdirs: Sequence[str]) -> None:
+  """Exits naming the holders when a process (a child of an earlier, killed call) still runs
+  a stage in any of `workdirs`."""
+  from lemumo_jax import locks  # pylint: disable=g-import-not-at-top
+  busy = [(w, stage, info) for w in workdirs for stage, info in locks.busy_stages(w).items()]
+  if busy:
+    listed = '; '.join(f'{w} ({stage}: {locks.describe(info)})' for w, stage, info in busy)
+    raise SystemExit(f'run folder(s) in use by another process: {listed}. Stop it (an earlier '
+                     'call\'s run) or wait for it, then rerun this command to resume')
+
+
 def run_command(cmd: Sequence[str], label: str, env: Mapping[str, str]) -> None:
   print(f'[{label}] {" ".join(cmd[1:])}', flush=True)
-  proc = subprocess.run(cmd, cwd=REPO, env=env)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=_die_with_parent)
   if proc.returncode:
     raise SystemExit(f'[{label}] failed (exit {proc.returncode}); rerun the same command to '
                      f'resume it')

@@ -102,4 +102,8 @@ def main(argv: Sequence[str]) -> builder.RecordBuilder:
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  main(sys.argv)
+  from lemumo_jax import locks  # pylint: disable=g-import-not-at-top
+  try:
+    main(sys.argv)
+  except locks.FolderBusyError as e:
+    raise SystemExit(f'error: {e}') from None

@@ -59,6 +59,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from lemumo_jax import locks
 from lemumo_jax.data import schema
 
 # A converted frame: the record dict (schema.FIELDS + meta) and, when the stored RGB is the
@@ -369,6 +370,19 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if download_config.manual_dir is None:
       raise ValueError(f'{self.name}: pass --manual_dir, the folder of the raw dataset '
                        f'({type(self).__doc__.strip()}); nothing is downloaded')
+    # One build per dataset config folder at a time (lemumo_jax/locks.py): a second is
+    # refused naming the first, and the incomplete.* folders removed below are never a live
+    # build's.
+    with self.build_lock():
+      self._locked_download_and_prepare(download_dir, download_config, file_format, overwrite)
+
+  def build_lock(self):
+    """The exclusive lock of this dataset config's folder (lemumo_jax/locks.py)."""
+    return locks.folder_lock(os.path.dirname(os.fspath(self.data_path)), 'build',
+                             f'a build of {self.name}/{self.builder_config.name}')
+
+  def _locked_download_and_prepare(self, download_dir, download_config, file_format,
+                                   overwrite: bool) -> None:
     if self.data_path.exists() and not overwrite:
       self._check_same_build(os.fspath(download_config.manual_dir))
     _remove_incomplete(self.data_path)
@@ -468,12 +482,13 @@ def build(builder_cls: type[RecordBuilder], *, manual_dir: str, data_dir: str,
   builder = builder_cls(config=config, data_dir=data_dir)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  if overwrite and builder.data_path.exists():
-    shutil.rmtree(os.fspath(builder.data_path))
-    builder = builder_cls(config=config, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, download_mode=mode,
-      beam_options=beam_options(pipeline_options)))
+  with builder.build_lock():  # --overwrite deletes nothing another build is writing
+    if overwrite and builder.data_path.exists():
+      shutil.rmtree(os.fspath(builder.data_path))
+      builder = builder_cls(config=config, data_dir=data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, download_mode=mode,
+        beam_options=beam_options(pipeline_options)))
   return builder
 
 

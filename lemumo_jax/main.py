@@ -28,6 +28,7 @@ JAX_COORDINATOR_ADDRESS environment variable for the first).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -101,30 +102,49 @@ def main(argv):
                                               config.method)
   if config.mode not in modes.MODES:
     raise app.UsageError(f'config.mode must be one of {modes.MODES}, got {config.mode!r}')
+  from lemumo_jax import locks  # pylint: disable=g-import-not-at-top
   from lemumo_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:
     run_mode(config, workdir)
   except loop.Preempted as e:
     print(str(e), flush=True)
     sys.exit(loop.EX_TEMPFAIL)
+  except (locks.FolderBusyError, NotADirectoryError) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+def _stage(workdir: str, stage: str, mode: str):
+  """The workdir's lock of `stage` (locks.py: one writer per stage folder; `stage` names what
+  it writes: pretrain, probe / probe_random / probe_raw, finetune, profile, analyze), taken by
+  the first process of a multi-host run only (the others write no run files)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lemumo_jax import locks  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return contextlib.nullcontext()
+  return locks.folder_lock(os.path.abspath(workdir), stage, f'mode={mode}')
 
 
 def run_mode(config, workdir: str) -> None:
   if config.mode in ('pretrain', 'pretrain_probe'):
     from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
-    pretrain.train(config, workdir)
+    with _stage(workdir, 'pretrain', config.mode):
+      pretrain.train(config, workdir)
   if config.mode in ('probe', 'pretrain_probe'):
     from lemumo_jax.training import probe  # pylint: disable=g-import-not-at-top
-    probe.run(config, workdir)
+    with _stage(workdir, probe.probe_dirname(config.probe), config.mode):
+      probe.run(config, workdir)
   if config.mode == 'finetune':
     from lemumo_jax.training import finetune  # pylint: disable=g-import-not-at-top
-    finetune.run(config, workdir)
+    with _stage(workdir, 'finetune', config.mode):
+      finetune.run(config, workdir)
   if config.mode == 'profile':
     from lemumo_jax import profiling  # pylint: disable=g-import-not-at-top
-    profiling.profile(config, workdir)
+    with _stage(workdir, 'profile', config.mode):
+      profiling.profile(config, workdir)
   if config.mode == 'analyze':
     from lemumo_jax.training import analyze  # pylint: disable=g-import-not-at-top
-    analyze.run(config, workdir)
+    with _stage(workdir, 'analyze', config.mode):
+      analyze.run(config, workdir)
 
 
 if __name__ == '__main__':
