@@ -127,6 +127,7 @@ def _stage(workdir: str, stage: str, mode: str):
 def run_mode(config, workdir: str) -> None:
   if config.mode in ('pretrain', 'pretrain_probe'):
     from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+    pretrain.check_config(config)  # a bad value is named before the workdir is made
     with _stage(workdir, 'pretrain', config.mode):
       pretrain.train(config, workdir)
   if config.mode in ('probe', 'pretrain_probe'):
@@ -148,4 +149,4 @@ def run_mode(config, workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=modes.parse_flags)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import os
+import re
+import sys
 
 # config.mode values; main.py dispatches on them.
 MODES = ('pretrain', 'probe', 'pretrain_probe', 'finetune', 'profile', 'analyze')
@@ -45,3 +47,28 @@ def repeated_tuple_overrides(argv: list[str], config) -> list[str]:
     if count > 1 and isinstance(node, (tuple, list)):
       repeated.append(key)
   return sorted(repeated)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (app.run's flags_parser) with an unknown --config.<key> named.
+
+  ml_collections raises a bare KeyError / AttributeError traceback from inside the flag parser
+  for a key the config does not have (`--config.profile.warmup`, `--config.nosuch`); this
+  exits with the flags error absl gives any other bad flag, naming the argument.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:
+    text = str(e)
+    found = re.search(r"'([^'\\]+)", text)
+    name = found.group(1) if found else text
+    overrides = [a.split('=', 1)[0].lstrip('-') for a in argv[1:]
+                 if a.lstrip('-').startswith('config.')]
+    given = [a for a in overrides if name in a.split('.')[1:]] or overrides
+    arg = f'--{given[0]}' if given else 'a --config.<key> flag'
+    hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+    sys.stderr.write(f'FATAL Flags parsing error: {arg}: the config has no key {name!r}'
+                     f'{" (" + hint.group(0) + ")" if hint else ""}; every --config.<key> '
+                     f'must be a key the config file defines (configs/common.py)\n')
+    sys.exit(1)

@@ -63,3 +63,32 @@ def test_config_method_override_is_refused(tmp_path):
   assert run.returncode != 0
   assert "--config=<config file>:<row>" in run.stderr
   assert not workdir.exists()
+
+
+def _main(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py', *args],
+      cwd=REPO, capture_output=True, text=True, check=False,
+      env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'})
+
+
+@pytest.mark.parametrize('key, message', [
+    ('profile.warmup', "--config.profile.warmup: the config has no key 'warmup'"),
+    ('optim.lrr', "--config.optim.lrr: the config has no key 'lrr' (Did you mean \"lr\""),
+    ('nosuch', "--config.nosuch: the config has no key 'nosuch'"),
+])
+def test_an_unknown_key_is_a_flags_error(tmp_path, key, message):
+  run = _main(f'--workdir={tmp_path / "run"}', f'--config.{key}=3')
+  assert run.returncode == 1
+  assert f'FATAL Flags parsing error: {message}' in run.stderr
+  assert 'Traceback' not in run.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  path = tmp_path / 'run'
+  path.write_text('notes')
+  run = _main(f'--workdir={path}', '--config.train.num_steps=2')
+  assert run.returncode == 1
+  assert f'error: {path} is a file, not a folder' in run.stderr
+  assert 'Traceback' not in run.stderr and path.read_text() == 'notes'
