@@ -29,8 +29,9 @@ file where the 16-bit raw frame was asked for) through `report.fallback(path, re
 is logged and listed in metadata.json (`fallbacks_<split>`) when the unit's frames are kept.
 Any other exception is a bug and stops the build. A build in which a split ends up with no
 record fails. A rebuild into an existing dataset folder compares the inputs and settings it
-was built from and refuses on a difference (naming it) unless `--overwrite`; `incomplete.*`
-folders left by a killed build are removed first.
+was built from and refuses on a difference (naming it) unless `--overwrite`: the inputs by
+the SHA-256 of every input file's contents (read once per build, before converting), the
+settings by value. `incomplete.*` folders left by a killed build are removed first.
 
   python -m data_prep.build waymo --manual_dir=/data/waymo/v1 --data_dir=/data/tfds \
       [--config=front_320x480] [--image_height=.. --image_width=.. --options='{json}'] \
@@ -41,6 +42,7 @@ folders left by a killed build are removed first.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -50,6 +52,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,7 +106,9 @@ class CorruptInputError(Exception):
 class WorkUnit:
   name: str  # stable and unique: the example keys' prefix and the name used in reports
   payload: Any
-  stamp: str = ''  # what identifies the unit's content (file sizes), for the rebuild check
+  # Every file the unit's frames are read from (tables shared by all units included): their
+  # contents' SHA-256 identify the unit, for the rebuild check and the dataset identity.
+  inputs: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -275,8 +280,42 @@ def _nested_counts(pairs) -> dict[str, dict[str, int]]:
   return counts
 
 
-def _units_digest(units: Sequence[WorkUnit]) -> str:
-  lines = sorted(f'{u.name} {u.stamp}' for u in units)
+# What units_sha256 digests: the units' names and their input files' contents. Datasets built
+# before it was recorded digested names and file sizes only.
+INPUTS_DIGEST = 'sha256 of unit names and input file contents'
+
+
+def file_digests(paths: Sequence[str], threads: int = 8) -> dict[str, str]:
+  """{path: SHA-256 hex of its contents, or 'missing'}, read once each on `threads` threads
+  (hashlib releases the GIL), with a progress line every ~10 s. This is a full read of the
+  inputs, once per build: about what converting them reads again (Waymo v1's ~1 TB at the
+  filesystem's read rate on the machine running the build)."""
+  paths = sorted(set(paths))
+  total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+
+  def digest(path: str) -> str:
+    try:
+      with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+    except FileNotFoundError:
+      return 'missing'
+
+  digests, done, start, shown = {}, 0, time.time(), time.time()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for path, value in zip(paths, pool.map(digest, paths)):
+      digests[path] = value
+      done += os.path.getsize(path) if value != 'missing' else 0
+      if time.time() - shown > 10:
+        shown = time.time()
+        rate = done / max(shown - start, 1e-9)
+        logging.info('hashing inputs: %d/%d files, %.1f/%.1f GB, %.0f MB/s, ETA %.0f s',
+                     len(digests), len(paths), done / 1e9, total / 1e9, rate / 1e6,
+                     (total - done) / max(rate, 1.0))
+  return digests
+
+
+def _units_digest(units: Sequence[WorkUnit], digests: Mapping[str, str]) -> str:
+  lines = sorted(f'{u.name} ' + ' '.join(digests[p] for p in u.inputs) for u in units)
   return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16]
 
 
@@ -357,9 +396,12 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return units
 
   def _inputs_record(self, manual_dir: str, units: Mapping[str, Sequence[WorkUnit]]):
+    digests = file_digests([p for split_units in units.values() for u in split_units
+                            for p in u.inputs])
     return {'manual_dir': os.path.abspath(manual_dir),
             'units': {split: len(u) for split, u in units.items()},
-            'units_sha256': {split: _units_digest(u) for split, u in units.items()}}
+            'units_sha256': {split: _units_digest(u, digests) for split, u in units.items()},
+            'digest': INPUTS_DIGEST}
 
   def download_and_prepare(self, *, download_dir=None, download_config=None, file_format=None):
     """TFDS's build, after refusing a rebuild that differs from the existing dataset and
@@ -420,8 +462,11 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
               for group, values in wanted.items() for key, value in values.items()
               if built.get(group, {}).get(key) != value]
     if differ:
+      older = ('; it was built before the inputs were identified by their contents (names '
+               'and sizes only), so the digests cannot be compared'
+               if 'digest' not in built.get('inputs', {}) else '')
       raise ValueError(f'{self.data_path} was built from other inputs or settings ('
-                       + '; '.join(differ) + '); rebuild with --overwrite (tfds build '
+                       + '; '.join(differ) + f'){older}; rebuild with --overwrite (tfds build '
                        '--overwrite), or pass another --data_dir or --config')
 
 

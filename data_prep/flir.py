@@ -245,6 +245,7 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
         f'{os.path.join(thermal_dir, ANALYTICS_FOLDER)} not found: the 16-bit raw thermal '
         'frames (builder option thermal_bits=16, the default) are read from there; pass '
         '--options=\'{"thermal_bits": 8}\' to build from the 8-bit data/ JPEGs')
+  coco_path = os.path.join(thermal_dir, 'coco.json')  # the boxes (Converter's ThermalBoxes)
   units: dict[str, list[builder.WorkUnit]] = {'train': [], 'val': []}
   for rgb_name, thermal_name in pair_map.items():
     video, frame = video_and_frame(thermal_name)
@@ -255,9 +256,9 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
     pair = Pair(os.path.join(manual_dir, options.rgb_folder, 'data', os.path.basename(rgb_name)),
                 thermal_path, thermal_jpeg, video, frame)
     split = 'val' if is_val_video(video, options.val_percent) else 'train'
-    stamp = ' '.join(str(os.path.getsize(p)) if os.path.exists(p) else 'missing'
-                     for p in dict.fromkeys((pair.rgb_path, pair.thermal_path, thermal_jpeg)))
-    units[split].append(builder.WorkUnit(os.path.basename(rgb_name), pair, stamp))
+    inputs = (pair.rgb_path, pair.thermal_path, thermal_jpeg, map_path, coco_path)
+    units[split].append(builder.WorkUnit(os.path.basename(rgb_name), pair,
+                                         tuple(dict.fromkeys(inputs))))
   units = {split: u for split, u in units.items() if u}
   if not units:
     raise ValueError(f'{map_path} lists no pairs')

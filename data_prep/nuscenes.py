@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import io
 import os
 from collections.abc import Iterator, Sequence
@@ -271,6 +272,30 @@ class Converter:
                          self.options, self.config)
 
 
+def table_files(dataroot: str, version: str) -> tuple[str, ...]:
+  """The devkit tables every scene is read through: <version>/*.json (and lidarseg's
+  <version>/*.json under lidarseg/ when it is installed apart)."""
+  return tuple(sorted(glob.glob(os.path.join(dataroot, version, '*.json'))
+                      + glob.glob(os.path.join(dataroot, 'lidarseg', version, '*.json'))))
+
+
+def scene_files(nusc, scene: dict[str, Any], cameras: Sequence[str],
+                lidarseg_files: dict[str, str]) -> tuple[str, ...]:
+  """The files a scene's keyframes are converted from: each keyframe's LIDAR_TOP sweep, its
+  camera images and its lidarseg labels."""
+  paths, token = [], scene['first_sample_token']
+  while token:
+    sample = nusc.get('sample', token)
+    for channel in ('LIDAR_TOP', *cameras):
+      if channel in sample['data']:
+        sd_token = sample['data'][channel]
+        paths.append(nusc.get('sample_data', sd_token)['filename'])
+        if sd_token in lidarseg_files:
+          paths.append(lidarseg_files[sd_token])
+    token = sample['next']
+  return tuple(os.path.join(nusc.dataroot, p) for p in paths)
+
+
 def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[builder.WorkUnit]]:
   options = Options(**config.options)
   nusc = load_nuscenes(manual_dir, options.version)
@@ -278,11 +303,15 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
   if not set(options.cameras) <= channels:
     raise ValueError(f'cameras {list(options.cameras)}: the cameras of {options.version} are '
                      f'{sorted(channels)}')
+  tables = table_files(manual_dir, options.version)
+  lidarseg = {r['sample_data_token']: r['filename'] for r in getattr(nusc, 'lidarseg', [])}
   units = {}
   for split, scene_split in options.splits:
     scenes = scenes_of_split(nusc, scene_split)
     if scenes:
-      units[split] = [builder.WorkUnit(s['name'], s['token']) for s in scenes]
+      units[split] = [builder.WorkUnit(s['name'], s['token'],
+                                       tables + scene_files(nusc, s, options.cameras, lidarseg))
+                      for s in scenes]
   if not units:
     raise ValueError(f'{manual_dir}: none of the scene splits {dict(options.splits)} has a '
                      f'scene in {options.version}')

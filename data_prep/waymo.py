@@ -426,7 +426,7 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
   files: dict[str, set[str]] = {}
   for split, pattern in options.splits:  # a split may be given several globs
     files.setdefault(split, set()).update(glob.glob(os.path.join(manual_dir, pattern)))
-  units = {split: [builder.WorkUnit(os.path.basename(p), p, str(os.path.getsize(p)))
+  units = {split: [builder.WorkUnit(os.path.basename(p), p, (p,))
                    for p in sorted(paths)]
            for split, paths in files.items() if paths}
   if not units:
