@@ -13,8 +13,9 @@ Flink, Spark). TFDS writes `array_record` files under
 `<data_dir>/<name>/<config>/<version>/` (in an `incomplete.*` folder renamed when done) and
 the dataset info beside them; `metadata.json` holds what this project reads: classes,
 companion, stored image size, the converter options, the inputs each split was built from, the
-inputs skipped as corrupt, the inputs read through a fallback and the count of frames whose
-companion map is empty (no LiDAR).
+inputs skipped as corrupt, the inputs read through a fallback, the annotations not stored
+(a missing or non-finite value: `bad_labels_<split>`, file and annotation id -> reason) and
+the count of frames whose companion map is empty (no LiDAR).
 
 Storage (Config): RGB as the source JPEG (default), PNG or raw uint8 pixels; the companion as
 zlib float32 (default) or uncompressed uint16 codes (schema.companion_to_uint16); the shards
@@ -73,11 +74,14 @@ Frame = tuple[dict[str, Any], bytes | None]
 class Report:
   """What a converter says about a unit's inputs besides its frames: `report(path, reason)`
   skips one (corrupt or missing), `report.fallback(path, reason)` names one it read in a lesser
-  form than asked for. Both are logged by name here and listed in metadata.json."""
+  form than asked for, `report.bad_label(where, reason)` names an annotation it did not store
+  because a value is missing or not finite (`where`: the file and the annotation's id). All are
+  logged by name here and listed in metadata.json."""
 
   def __init__(self):
     self.skipped: list[tuple[str, str]] = []
     self.fallbacks: list[tuple[str, str]] = []
+    self.bad_labels: list[tuple[str, str]] = []
 
   def __call__(self, path: str, reason: str) -> None:
     logging.warning('skipping %s: %s', path, reason)
@@ -86,6 +90,30 @@ class Report:
   def fallback(self, path: str, reason: str) -> None:
     logging.warning('fallback for %s: %s', path, reason)
     self.fallbacks.append((path, reason))
+
+  def bad_label(self, where: str, reason: str) -> None:
+    logging.warning('not storing the annotation %s: %s', where, reason)
+    self.bad_labels.append((where, reason))
+
+
+def finite_values(annotation: Mapping[str, Any], fields: Sequence[str], lengths: Sequence[int],
+                  where: str, report: Report) -> list[list[float]] | None:
+  """The annotation's `fields` as float lists of the given lengths, or None (reported as a bad
+  label naming `where` and the field) when one is missing, of another length, or not finite."""
+  values = []
+  for field, length in zip(fields, lengths):
+    value = annotation.get(field) if isinstance(annotation, Mapping) else None
+    try:
+      numbers = [float(v) for v in value]
+    except (TypeError, ValueError):
+      report.bad_label(where, f'no {field}' if value is None else f'{field} {value!r} is not a '
+                       'list of numbers')
+      return None
+    if len(numbers) != length or not all(np.isfinite(numbers)):
+      report.bad_label(where, f'{field} {value!r} is not {length} finite numbers')
+      return None
+    values.append(numbers)
+  return values
 
 
 Skip = Report  # converters that only skip call it as skip(path, reason)
@@ -200,6 +228,38 @@ def features(height: int, width: int, rgb_format: str,
   })
 
 
+def decode_image(data: bytes, path: str, mode: str | None = None) -> np.ndarray:
+  """The pixels of an image file's bytes: [h, w, 3] for mode 'RGB', else as stored ([h, w] for
+  greyscale). A JPEG is decoded by libjpeg-turbo in strict mode (simplejpeg): data the decoder
+  reports corrupt (a damaged entropy segment, extraneous bytes, a premature end), which PIL
+  decodes to wrong pixels without a word, is a CorruptInputError naming `path` and the
+  decoder's message. The pixels equal PIL's (the same libjpeg-turbo decoding; tested). Other
+  formats (PNG, TIFF) through PIL. Flipped bits the decoder cannot see (they decode as other
+  valid codes) need a checksum, which only Waymo's TFRecords carry."""
+  import simplejpeg  # pylint: disable=g-import-not-at-top
+  try:
+    if data[:2] == b'\xff\xd8':  # SOI: a JPEG
+      _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+      if mode == 'RGB' or colorspace in ('YCbCr', 'RGB'):
+        return simplejpeg.decode_jpeg(data, colorspace='RGB', strict=True)
+      if colorspace == 'Gray' and mode is None:
+        return simplejpeg.decode_jpeg(data, colorspace='GRAY', strict=True)[..., 0]
+    with Image.open(io.BytesIO(data)) as image:
+      return np.asarray(image.convert(mode) if mode else image)
+  except Exception as e:  # PIL raises several unrelated types for broken images
+    raise CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+
+
+def read_image(path: str, mode: str | None = None) -> np.ndarray:
+  """decode_image of a file; an unreadable file is a CorruptInputError naming it."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+  return decode_image(data, path, mode)
+
+
 def encode_image(rgb: np.ndarray, rgb_format: str) -> bytes:
   buffer = io.BytesIO()
   if rgb_format == 'jpeg':
@@ -255,11 +315,10 @@ class _Convert(beam.DoFn):
                 for record, jpeg in self._converter.convert(unit.payload, report)]
     except CorruptInputError as e:
       report(e.path, e.reason)
-      frames, report.fallbacks = [], []  # nothing of the unit is written
-    for item in report.skipped:
-      yield beam.pvalue.TaggedOutput('skipped', item)
-    for item in report.fallbacks:
-      yield beam.pvalue.TaggedOutput('fallbacks', item)
+      frames, report.fallbacks, report.bad_labels = [], [], []  # nothing of the unit is written
+    for kind in ('skipped', 'fallbacks', 'bad_labels'):
+      for item in getattr(report, kind):
+        yield beam.pvalue.TaggedOutput(kind, item)
     for example in frames:
       meta = example['meta']
       key = f'{unit.name}/{meta["frame"]:06d}/{meta["camera"]}'
@@ -362,16 +421,17 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, pipeline, split: str, units: Sequence[WorkUnit],
                          make_converter: Callable[[], Any]):
     """The split's examples as a PCollection; its skipped inputs, the inputs read through a
-    fallback and the count of frames with an empty companion map go to metadata.json
-    (BeamMetadataDict), with the box counts."""
+    fallback, the annotations not stored (bad_labels) and the count of frames with an empty
+    companion map go to metadata.json (BeamMetadataDict), with the box counts."""
     results = (pipeline
                | f'{split}_units' >> beam.Create(sorted(units, key=lambda u: u.name))
                | f'{split}_reshuffle' >> beam.Reshuffle()
                | f'{split}_convert' >> beam.ParDo(
                    _Convert(make_converter, self.builder_config,
                             self.info.metadata['classes_2d'])).with_outputs(
-                       'skipped', 'fallbacks', 'without_companion', 'boxes', main='examples'))
-    for kind in ('skipped', 'fallbacks'):  # {path: reason}
+                       'skipped', 'fallbacks', 'bad_labels', 'without_companion', 'boxes',
+                       main='examples'))
+    for kind in ('skipped', 'fallbacks', 'bad_labels'):  # {path: reason}
       self.info.metadata[f'{kind}_{split}'] = (
           results[kind] | f'{split}_{kind}_list' >> beam.combiners.ToList()
           | f'{split}_{kind}_dict' >> beam.Map(lambda pairs: dict(sorted(pairs))))
@@ -543,9 +603,11 @@ def summary(builder: RecordBuilder) -> str:
   for split, info in sorted(builder.info.splits.items()):
     skipped = metadata.get(f'skipped_{split}') or {}
     fallbacks = metadata.get(f'fallbacks_{split}') or {}
+    bad_labels = metadata.get(f'bad_labels_{split}') or {}
     lines.append(f'  {split}: {info.num_examples} records in {info.num_shards} shards from '
                  f'{metadata["inputs"]["units"].get(split)} units, {len(skipped)} inputs '
                  f'skipped, {metadata.get(f"without_companion_{split}")} frames with an empty '
-                 f'companion map, {len(fallbacks)} inputs read through a fallback')
+                 f'companion map, {len(fallbacks)} inputs read through a fallback, '
+                 f'{len(bad_labels)} annotations not stored (missing or non-finite values)')
   return '\n'.join(lines)
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import os
 import re
@@ -61,11 +60,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
 from pycocotools.coco import COCO
 
 from data_prep import builder
 from data_prep import depth
+from lemumo_jax import files
 from lemumo_jax.data import schema
 
 FLIR_CLASSES = ('person', 'bike', 'car', 'motor', 'bus', 'train', 'truck', 'light', 'hydrant',
@@ -154,19 +153,23 @@ def normalize_thermal(image: np.ndarray) -> np.ndarray:
 
 
 def _load(path: str, mode: str | None) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert(mode) if mode else image)
-  except Exception as e:  # PIL raises several unrelated types for broken images
-    raise builder.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+  return builder.read_image(path, mode)
 
 
 class ThermalBoxes:
   """The thermal coco.json (via pycocotools), indexed by image file name."""
 
   def __init__(self, coco_path: str, classes: Sequence[str]):
-    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its loading progress
-      self.coco = COCO(coco_path)
+    self.path = coco_path
+    payload = files.read_json(coco_path, 'restore it from the FLIR ADAS v2 release')
+    if not isinstance(payload, dict) or not isinstance(payload.get('images'), list):
+      raise ValueError(f'{coco_path}: not a COCO annotation file (no "images" list)' if
+                       payload is not None else f'{coco_path} not found: the thermal boxes '
+                       'are read from it')
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its indexing progress
+      self.coco = COCO()
+      self.coco.dataset = payload
+      self.coco.createIndex()
     names = {c['id']: c['name'] for c in self.coco.loadCats(self.coco.getCatIds())}
     missing = sorted(set(classes) - set(names.values()))
     if missing:
@@ -176,15 +179,28 @@ class ThermalBoxes:
     self.image_ids = {os.path.basename(image['file_name']): image_id
                       for image_id, image in self.coco.imgs.items()}
 
-  def boxes(self, file_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """([M, 4] x1, y1, x2, y2 thermal pixels, [M] classes_2d index) of one image."""
+  def boxes(self, file_name: str, report: builder.Report) -> tuple[np.ndarray, np.ndarray]:
+    """([M, 4] x1, y1, x2, y2 thermal pixels, [M] classes_2d index) of one image. An annotation
+    whose bbox is missing, not 4 finite numbers or of negative size is reported (coco.json,
+    its id, the field) and left out."""
     image_id = self.image_ids.get(os.path.basename(file_name))
     annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id])) if (
         image_id is not None) else []
-    kept = [a for a in annotations if a['category_id'] in self.class_of]
-    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in kept)],
-                     np.float64).reshape(-1, 4)
-    return boxes, np.array([self.class_of[a['category_id']] for a in kept], np.int32)
+    boxes, classes = [], []
+    for a in annotations:
+      if a.get('category_id') not in self.class_of:
+        continue
+      where = f'{self.path} annotation id {a.get("id")!r}'
+      values = builder.finite_values(a, ('bbox',), (4,), where, report)
+      if values is None:
+        continue
+      x, y, w, h = values[0]
+      if w < 0 or h < 0:
+        report.bad_label(where, f'bbox {a["bbox"]!r} has a negative width or height')
+        continue
+      boxes.append([x, y, x + w, y + h])
+      classes.append(self.class_of[a['category_id']])
+    return np.array(boxes, np.float64).reshape(-1, 4), np.array(classes, np.int32)
 
 
 def load_thermal(pair: Pair, report: builder.Report) -> np.ndarray:
@@ -212,7 +228,7 @@ def pair_frame(pair: Pair, thermal_boxes: ThermalBoxes, options: Options,
   height, width = config.image_height, config.image_width
   rgb_grid, thermal_grid, intrinsics = shared_view(rgb.shape[:2], thermal.shape[:2],
                                                    (height, width), options)
-  boxes, classes = thermal_boxes.boxes(pair.thermal_jpeg)
+  boxes, classes = thermal_boxes.boxes(pair.thermal_jpeg, report)
   boxes2d, keep = thermal_grid.boxes(boxes, options.min_box_size)
   record = {
       'rgb': rgb_grid.rgb(rgb),
@@ -236,8 +252,11 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
   if not os.path.exists(map_path):
     raise FileNotFoundError(f'{map_path} not found: the option pair_map names the RGB -> '
                             'thermal frame map under manual_dir')
-  with open(map_path) as f:
-    pair_map = json.load(f)
+  pair_map = files.read_json(map_path, 'restore it from the FLIR ADAS v2 release')
+  if not isinstance(pair_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in pair_map.items()):
+    raise ValueError(f'{map_path}: not a map of RGB to thermal frame names (a JSON object of '
+                     'strings)')
   thermal_dir = os.path.join(manual_dir, options.thermal_folder)
   if options.thermal_bits == 16 and not os.path.isdir(os.path.join(thermal_dir,
                                                                    ANALYTICS_FOLDER)):

@@ -52,11 +52,11 @@ from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.data_classes import LidarPointCloud
 from nuscenes.utils.geometry_utils import transform_matrix
 from nuscenes.utils.splits import create_splits_scenes
-from PIL import Image
 from pyquaternion import Quaternion
 
 from data_prep import builder
 from data_prep import depth
+from lemumo_jax import files
 from lemumo_jax.data import geometry
 from lemumo_jax.data import schema
 
@@ -105,17 +105,28 @@ def global_from_sensor(nusc, sd: dict[str, Any]) -> np.ndarray:
   return _pose(nusc.get('ego_pose', sd['ego_pose_token'])) @ _pose(calibration)
 
 
-def annotation_boxes(nusc, sample: dict[str, Any], cam_from_global: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def annotation_boxes(nusc, sample: dict[str, Any], cam_from_global: np.ndarray,
+                     report: builder.Report) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Schema boxes [K, 7] in the camera frame, their true corners [K, 8, 3] in the camera frame
   (the annotation's full rotation: the 2D boxes and the keep test use these, since the schema
-  box keeps only the yaw about the camera's y axis) and CLASSES_3D indices [K] of a sample."""
+  box keeps only the yaw about the camera's y axis) and CLASSES_3D indices [K] of a sample. An
+  annotation with a missing or non-finite translation, size or rotation (or a zero quaternion)
+  is reported, naming sample_annotation.json, its token and the field, and left out."""
+  table = os.path.join(nusc.dataroot, nusc.version, 'sample_annotation.json')
   boxes, corners, classes = [], [], []
   for token in sample['anns']:
     annotation = nusc.get('sample_annotation', token)
     attributes = [nusc.get('attribute', t)['name'] for t in annotation['attribute_tokens']]
     cls = box_class(annotation['category_name'], attributes)
     if cls is None:
+      continue
+    where = f'{table} token {token}'
+    values = builder.finite_values(annotation, ('translation', 'size', 'rotation'), (3, 3, 4),
+                                   where, report)
+    if values is None:
+      continue
+    if not np.any(values[2]):
+      report.bad_label(where, f'rotation {annotation["rotation"]!r} is a zero quaternion')
       continue
     box = nusc.get_box(token)  # global frame; wlh = width, length, height
     center = geometry.transform_points(cam_from_global, box.center[None])[0]
@@ -162,16 +173,13 @@ def fine_to_seg_table(nusc) -> np.ndarray:
 
 
 def _load_image(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert('RGB'))
-  except Exception as e:  # PIL raises several unrelated types for broken images
-    raise builder.CorruptInputError(path, f'{type(e).__name__}: {e}') from e
+  return builder.read_image(path, 'RGB')
 
 
 def sample_frame(nusc, sample: dict[str, Any], index: int, camera: str, scene_name: str,
                  lidarseg_files: dict[str, str], fine_to_seg: np.ndarray | None,
-                 options: Options, config: builder.Config) -> builder.Frame:
+                 options: Options, config: builder.Config,
+                 report: builder.Report) -> builder.Frame:
   missing = {'LIDAR_TOP', camera} - set(sample['data'])
   if missing:
     raise builder.CorruptInputError(f'sample {sample["token"]}', f'no keyframe of {missing}')
@@ -199,7 +207,7 @@ def sample_frame(nusc, sample: dict[str, Any], index: int, camera: str, scene_na
   else:
     seg = np.full((height, width), schema.IGNORE_LABEL, np.uint8)
 
-  boxes3d, corners, classes = annotation_boxes(nusc, sample, cam_from_global)
+  boxes3d, corners, classes = annotation_boxes(nusc, sample, cam_from_global, report)
   boxes2d, keep = geometry.corners_to_2d(corners, intrinsics, height, width)
   record = {
       'rgb': grid.rgb(rgb),
@@ -221,7 +229,7 @@ def sample_frame(nusc, sample: dict[str, Any], index: int, camera: str, scene_na
   return record, source_jpeg
 
 
-def convert_scene(scene_token: str, skip: builder.Skip, nusc, lidarseg_files, fine_to_seg,
+def convert_scene(scene_token: str, skip: builder.Report, nusc, lidarseg_files, fine_to_seg,
                   options: Options, config: builder.Config) -> Iterator[builder.Frame]:
   """Keyframes of one scene (a work unit); corrupt samples are skipped one by one."""
   scene = nusc.get('scene', scene_token)
@@ -231,7 +239,7 @@ def convert_scene(scene_token: str, skip: builder.Skip, nusc, lidarseg_files, fi
     for camera in options.cameras:
       try:
         yield sample_frame(nusc, sample, index, camera, scene['name'], lidarseg_files,
-                           fine_to_seg, options, config)
+                           fine_to_seg, options, config, skip)
       except builder.CorruptInputError as e:
         skip(e.path, e.reason)
     token, index = sample['next'], index + 1
@@ -241,8 +249,17 @@ def load_nuscenes(dataroot: str, version: str):
   if not os.path.isdir(os.path.join(dataroot, version)):
     raise FileNotFoundError(f'{os.path.join(dataroot, version)} not found: manual_dir must be '
                             f'the nuScenes dataroot holding the {version} tables')
-  with contextlib.redirect_stdout(io.StringIO()):  # the devkit prints its loading progress
-    return NuScenes(version=version, dataroot=dataroot, verbose=False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):  # the devkit prints its loading progress
+      return NuScenes(version=version, dataroot=dataroot, verbose=False)
+  except ValueError:  # json.JSONDecodeError: the devkit does not say which table
+    for path in table_files(dataroot, version):
+      files.read_json(path, 'restore it from the nuScenes release')  # raises, naming it
+    raise
+  except KeyError as e:  # a record without a field the devkit indexes on
+    raise ValueError(f'the nuScenes tables in {os.path.join(dataroot, version)} lack the field '
+                     f'{e} the devkit indexes them by: a table is damaged or from another '
+                     'release') from e
 
 
 def scenes_of_split(nusc, scene_split: str) -> list[dict[str, Any]]:
@@ -267,7 +284,7 @@ class Converter:
       self.lidarseg_files = {r['sample_data_token']: r['filename'] for r in self.nusc.lidarseg}
       self.fine_to_seg = fine_to_seg_table(self.nusc)
 
-  def convert(self, scene_token: str, skip: builder.Skip) -> Iterator[builder.Frame]:
+  def convert(self, scene_token: str, skip: builder.Report) -> Iterator[builder.Frame]:
     return convert_scene(scene_token, skip, self.nusc, self.lidarseg_files, self.fine_to_seg,
                          self.options, self.config)
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import os
 import zlib
 from collections.abc import Iterator
@@ -53,7 +52,6 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from PIL import Image
 from waymo_open_dataset import dataset_pb2
 from waymo_open_dataset import label_pb2
 from waymo_open_dataset.protos import camera_segmentation_pb2
@@ -284,23 +282,34 @@ def vehicle_box_corners(boxes: np.ndarray, cam_from_vehicle: np.ndarray) -> np.n
   return geometry.transform_points(cam_from_vehicle, corners.reshape(-1, 3)).reshape(-1, 8, 3)
 
 
-def laser_boxes(frame: dataset_pb2.Frame) -> tuple[np.ndarray, np.ndarray]:
-  """Vehicle-frame boxes [K, 7] and CLASSES_3D indices [K] of the kept laser labels."""
+def laser_boxes(frame: dataset_pb2.Frame, where: str,
+                report: builder.Report) -> tuple[np.ndarray, np.ndarray]:
+  """Vehicle-frame boxes [K, 7] and CLASSES_3D indices [K] of the kept laser labels. A box with
+  a non-finite value is reported (`where`, the label id, the field) and left out."""
   boxes, classes = [], []
   for label in frame.laser_labels:
     if label.type in LABEL_CLASSES:
       b = label.box
-      boxes.append([b.center_x, b.center_y, b.center_z, b.length, b.width, b.height, b.heading])
+      box = [b.center_x, b.center_y, b.center_z, b.length, b.width, b.height, b.heading]
+      bad = [f'{name} {value!r}' for name, value in zip(_BOX_FIELDS, box)
+             if not np.isfinite(value)]
+      if bad:
+        report.bad_label(f'{where} laser label {label.id!r}',
+                         f'box {", ".join(bad)} not finite')
+        continue
+      boxes.append(box)
       classes.append(LABEL_CLASSES[label.type])
   return np.asarray(boxes, np.float64).reshape(-1, 7), np.asarray(classes, np.int32)
 
 
+_BOX_FIELDS = ('center_x', 'center_y', 'center_z', 'length', 'width', 'height', 'heading')
+
+
 def _decode_image(data: bytes, path: str, what: str) -> np.ndarray:
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image)
-  except Exception as e:  # PIL raises several unrelated types for broken images
-    raise builder.CorruptInputError(path, f'{what}: {type(e).__name__}: {e}') from e
+    return builder.decode_image(data, path)
+  except builder.CorruptInputError as e:
+    raise builder.CorruptInputError(path, f'{what}: {e.reason}') from e
 
 
 def camera_segmentation(image: dataset_pb2.CameraImage, grid: depth.GridTransform,
@@ -322,8 +331,10 @@ def camera_segmentation(image: dataset_pb2.CameraImage, grid: depth.GridTransfor
 
 def camera_frame(frame: dataset_pb2.Frame, frame_index: int, image: dataset_pb2.CameraImage,
                  calibration: dataset_pb2.CameraCalibration, lidar: LidarReturns,
-                 options: Options, config: builder.Config, path: str) -> builder.Frame:
-  """One record: a camera image of a frame with its depth map, labels and boxes."""
+                 boxes: tuple[np.ndarray, np.ndarray], options: Options,
+                 config: builder.Config, path: str) -> builder.Frame:
+  """One record: a camera image of a frame with its depth map, labels and its laser `boxes`
+  (laser_boxes)."""
   camera = dataset_pb2.CameraName.Name.Name(image.name)
   rgb = _decode_image(image.image, path, f'frame {frame_index} {camera} image')
   if rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -349,7 +360,7 @@ def camera_frame(frame: dataset_pb2.Frame, frame_index: int, image: dataset_pb2.
     uv[second] = grid.points(cp[second, 4:6] + 0.5)
   companion, depth_m = depth.render_depth_at_pixels(uv, z, height, width)
 
-  boxes_v, classes = laser_boxes(frame)
+  boxes_v, classes = boxes
   boxes3d = vehicle_boxes_to_camera(boxes_v, cam_from_vehicle)
   boxes2d, keep = geometry.corners_to_2d(vehicle_box_corners(boxes_v, cam_from_vehicle),
                                          intrinsics, height, width)
@@ -369,8 +380,8 @@ def camera_frame(frame: dataset_pb2.Frame, frame_index: int, image: dataset_pb2.
   return record, (image.image if grid.is_identity else None)
 
 
-def convert_segment(path: str, options: Options,
-                    config: builder.Config) -> Iterator[builder.Frame]:
+def convert_segment(path: str, options: Options, config: builder.Config,
+                    report: builder.Report) -> Iterator[builder.Frame]:
   """Frames of one TFRecord file (a work unit); raises CorruptInputError to drop it whole."""
   camera_ids = [dataset_pb2.CameraName.Name.Value(name) for name in options.cameras]
   camera_calibrations: dict[int, Any] = {}
@@ -393,6 +404,7 @@ def convert_segment(path: str, options: Options,
     laser_calibrations.update({c.name: c for c in frame.context.laser_calibrations})
     lidar = lidar_returns(frame, laser_calibrations, path)
     images = {image.name: image for image in frame.images}
+    boxes = laser_boxes(frame, f'{path} record {index}', report)
     for camera_id, camera in zip(camera_ids, options.cameras):
       if camera_id not in images or camera_id not in camera_calibrations:
         have = sorted(dataset_pb2.CameraName.Name.Name(i) for i in images)
@@ -401,7 +413,7 @@ def convert_segment(path: str, options: Options,
             path, f'frame {index} has no {camera} {what} (its images: {have}); the builder '
             f'option cameras={list(options.cameras)} asks for it')
       yield camera_frame(frame, index, images[camera_id], camera_calibrations[camera_id], lidar,
-                         options, config, path)
+                         boxes, options, config, path)
   if num_records == 0:
     raise builder.CorruptInputError(path, 'no records: an empty TFRecord file')
 
@@ -412,9 +424,9 @@ class Converter:
     self.config = config
     self.options = Options(**config.options)
 
-  def convert(self, path: str, skip: builder.Skip) -> Iterator[builder.Frame]:
-    del skip  # a corrupt file is dropped whole, by raising
-    return convert_segment(path, self.options, self.config)
+  def convert(self, path: str, report: builder.Report) -> Iterator[builder.Frame]:
+    # A corrupt file is dropped whole, by raising; `report` names the boxes left out.
+    return convert_segment(path, self.options, self.config, report)
 
 
 def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[builder.WorkUnit]]:
