@@ -363,6 +363,38 @@ def _check_transfer_encoders(pending: Sequence[tuple[str, str]], transfer_from: 
                      f'first')
 
 
+def _check_finished_runs(finished: Sequence[tuple[str, str]], out_dir: str,
+                         extra: Sequence[str], compute_only: bool) -> None:
+  """Exits naming each finished run whose records say it was made otherwise than the table
+  claims (another seed, schedule, row: a folder renamed or filled by hand), before anything
+  runs. The pending ones are checked by lemumo_jax.main itself when it resumes them."""
+  wrong = []
+  for row, seed in finished:
+    workdir = run_dir(out_dir, row, seed)
+    try:
+      cmd = commands(_CONFIG.value, row, seed, workdir, extra, False, _TRANSFER_FROM.value,
+                     compute_only)[0]
+    except ValueError:  # a ':transfer' row without --transfer_from: main names it
+      continue
+    config = runs.command_config(cmd)
+    differences = runs.tabled_differences(workdir, row, config)
+    profile_method = _profile_method(workdir)
+    if profile_method not in (None, config.method):
+      differences.append(f'profile.json: method: {profile_method!r} -> {config.method!r}')
+    if differences:
+      wrong.append(f'{workdir} ({"; ".join(differences)})')
+  if wrong:
+    raise SystemExit(f'finished run(s) hold other settings than this table would list them '
+                     f'with (recorded -> claimed): {"; ".join(wrong)}. Remove them to rerun, '
+                     f'or pass the arguments they were made with, or use another --out_dir')
+
+
+def _profile_method(workdir: str) -> str | None:
+  profile = files.read_json(os.path.join(workdir, 'profile.json'),
+                            'it is the run\'s compute profile: rerun mode=profile')
+  return profile.get('method') if profile else None
+
+
 def main(argv):
   extra = [a for a in argv[1:] if a != '--']
   out_dir = os.path.abspath(_OUT_DIR.value)
@@ -402,6 +434,8 @@ def main(argv):
   pending = [(row, seed) for row in rows for seed in seeds if not done(row, seed)]
   _check_transfer_encoders(pending, _TRANSFER_FROM.value)
   runs.check_free([run_dir(out_dir, row, seed) for row, seed in pending])
+  _check_finished_runs([(row, seed) for row in rows for seed in seeds
+                        if (row, seed) not in pending], out_dir, extra, compute_only)
 
   def made_with(row):
     transfer = split_row(row)[1] in (TRANSFER, FINETUNE)

@@ -115,6 +115,49 @@ def check_invocations(made: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str
   return unrecorded
 
 
+def command_config(cmd: Sequence[str]):
+  """The config lemumo_jax.main builds from `cmd` ([python, -m, lemumo_jax.main, flags...]):
+  its --config=<file>:<row> and --config.<key> flags, parsed by ml_collections as main parses
+  them."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  argv = ['lemumo_jax.main', *(f'--{name}={value}' for name, value in _flag_values(cmd[3:]).items()
+                                if name == 'config' or name.startswith('config.'))]
+  values = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'the run config', flag_values=values,
+                                  sys_argv=argv)  # the overrides are read from sys_argv
+  values(argv)
+  return values.config
+
+
+def tabled_differences(workdir: str, row: str, config) -> list[str]:
+  """'<record>: key: recorded -> claimed' for each setting a finished run's records (the
+  pretraining's config.json, the probe's or fine-tune's) hold otherwise than `config`, the
+  config the table says the run was made with (command_config); keys that change how a run
+  ran, not what it computed (resumable_flags), are not compared."""
+  from lemumo_jax import files as files_lib  # pylint: disable=g-import-not-at-top
+  from lemumo_jax.training import pretrain  # pylint: disable=g-import-not-at-top
+  kind = split_row(row)[1]
+  stage_dir = os.path.dirname(report_path(workdir, row))
+  records = [(os.path.join(stage_dir, 'config.json'),
+              ('seed', 'model', 'finetune', 'data') if kind == FINETUNE
+              else ('seed', 'data', 'probe'))]
+  if kind == '':
+    records.append((os.path.join(workdir, 'config.json'), pretrain.run_sections(config)))
+  claimed = files_lib.flatten(files_lib.as_json(config))
+  differences, resumable = [], resumable_flags()
+  for path, sections in records:
+    recorded = files_lib.read_json(path, f'it records the run in {workdir}; restore it, or '
+                                   'remove the run')
+    if recorded is None:
+      continue
+    old = {k: v for k, v in files_lib.flatten(recorded).items() if files_lib.under(k, sections)}
+    refused, _ = files_lib.record_changes(old, {k: claimed.get(k, '<absent>') for k in old},
+                                          resumable=resumable)
+    differences += [f'{os.path.relpath(path, workdir)}: {change}' for change in refused]
+  return differences
+
+
 def holds_run(workdir: str) -> bool:
   """Whether anything but the record is there (a call that failed before its run wrote a thing,
   a mistyped flag say, leaves a record the next call may replace)."""

@@ -53,11 +53,12 @@ def as_json(tree: Any) -> Any:
   return json.loads(json.dumps(plain(tree), default=float))
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """A nested mapping as {dotted key: leaf} ('optim.lr')."""
   if isinstance(tree, Mapping):
     out = {}
     for key, value in tree.items():
-      out.update(_flatten(value, f'{prefix}{key}.'))
+      out.update(flatten(value, f'{prefix}{key}.'))
     return out
   return {prefix[:-1]: tree}
 
@@ -74,7 +75,7 @@ def record_changes(old: Mapping[str, Any], new: Mapping[str, Any], *,
   between two records (nested mappings, or flat ones with dotted keys; a missing key reads
   '<absent>'), sorted by key. Only keys under `compared` (default: all) count; those under
   `resumable` are allowed, the others refused."""
-  old, new = _flatten(old), _flatten(new)
+  old, new = flatten(old), flatten(new)
   resumable = tuple(resumable)  # read once per key: a generator would be spent on the first
   compared = None if compared is None else tuple(compared)
   refused, allowed = [], []

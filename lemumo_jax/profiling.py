@@ -278,9 +278,23 @@ def format_table(result: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def check_workdir_row(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to profile a row into a workdir that holds another row's run or profile (its
+  profile.json would be tabled as that row's compute), naming the file."""
+  for name in ('config.json', 'profile.json'):
+    path = os.path.join(workdir, name)
+    recorded = files.read_json(path, 'restore it, or use another --workdir')
+    method = recorded.get('method') if isinstance(recorded, dict) else None
+    if method not in (None, config.method):
+      raise ValueError(f'{path} is of row {method!r}, not of this run\'s {config.method!r}: '
+                       f'profile {config.method!r} into its own --workdir (or profile '
+                       f'{method!r} with --config=<dataset>.py:{method})')
+
+
 def profile(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """mode=profile: times and costs THE train step of `config`; prints Table 6's row and writes
   <workdir>/profile.json. Returns the same dict."""
+  check_workdir_row(config, workdir)
   warmup, timed = int(config.profile.warmup_steps), int(config.profile.timed_steps)
   if warmup < 0 or timed < 1:
     raise ValueError(f'config.profile.warmup_steps must be >= 0 and config.profile.timed_steps '

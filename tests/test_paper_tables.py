@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -337,3 +338,17 @@ def test_transfer_and_finetune_rows_end_to_end(python_env, tmp_path):
     assert str(encoder) in details['encoder']
   assert (tmp_path / 'target' / 'tables.md').read_text().startswith(
       '| Setting | Method | Training Data | mAP50 ↑ | Car mAP50 ↑ |')
+  proc = run('--rows=lemumo', f'--out_dir={tmp_path / "source"}')  # re-tabled as it is
+  assert proc.returncode == 0 and 'done earlier' in proc.stdout, proc.stderr[-3000:]
+  # A finished run copied under another seed's name is not tabled as that seed, nor a run
+  # whose profile.json is another row's.
+  shutil.copytree(tmp_path / 'source' / 'lemumo_seed0', tmp_path / 'source' / 'lemumo_seed2')
+  proc = run('--rows=lemumo', '--seeds=2', f'--out_dir={tmp_path / "source"}')
+  assert proc.returncode != 0
+  assert 'finished run(s) hold other settings' in proc.stderr
+  assert "probe/config.json: seed: 0 -> 2" in proc.stderr
+  assert "config.json: seed: 0 -> 2" in proc.stderr
+  (tmp_path / 'source' / 'lemumo_seed0' / 'profile.json').write_text('{"method": "lejepa_rgb"}')
+  proc = run('--rows=lemumo', f'--out_dir={tmp_path / "source"}')
+  assert proc.returncode != 0
+  assert "profile.json: method: 'lejepa_rgb' -> 'lemumo'" in proc.stderr

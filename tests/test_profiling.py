@@ -116,3 +116,16 @@ def test_benchmark_rejects_unknown_row(python_env):
   result = subprocess.run([sys.executable, '-m', 'benchmarks.step', '--rows=lemumo,nope'],
                           cwd=REPO, env=python_env, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "unknown rows ['nope']" in result.stderr
+
+
+def test_a_row_is_not_profiled_into_another_rows_workdir(tmp_path):
+  config = tiny_config()  # the default row, lemumo
+  profiling.check_workdir_row(config, str(tmp_path))  # an empty workdir: fine
+  (tmp_path / 'profile.json').write_text(json.dumps({'method': config.method}))
+  profiling.check_workdir_row(config, str(tmp_path))  # its own profile: redone
+  for name in ('config.json', 'profile.json'):
+    (tmp_path / name).write_text(json.dumps({'method': 'lejepa_rgb'}))
+    with pytest.raises(ValueError, match=f"{tmp_path / name} is of row 'lejepa_rgb', not of "
+                                         f"this run's '{config.method}'"):
+      profiling.check_workdir_row(config, str(tmp_path))
+    (tmp_path / name).unlink()
