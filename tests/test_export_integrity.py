@@ -79,3 +79,27 @@ def test_an_encoder_of_another_row_is_refused(tmp_path):
   with pytest.raises(ValueError, match="pretrained as 'lemumo', not as this run's config.method "
                                        "'lemumo_vicreg'"):
     pretrained.load_encoder(directory, config.model, 'probe.encoder_dir', 'lemumo_vicreg')
+
+
+@pytest.mark.parametrize('fraction', [0.3, 0.6, 0.9])
+def test_a_flipped_byte_in_a_kept_best_is_refused(tmp_path, fraction):
+  import optax  # pylint: disable=g-import-not-at-top
+  from lemumo_jax.training import loop  # pylint: disable=g-import-not-at-top
+  make = lambda w: state_lib.create_train_state(
+      {'params': {'w': jax.numpy.asarray(w, jax.numpy.float32)}}, optax.sgd(0.1))
+  weights = np.random.default_rng(0).normal(size=8192)
+  loop.KeepBest(str(tmp_path)).save(3, make(weights), {'loss': 1.0})
+  keep = loop.KeepBest(str(tmp_path))
+  assert keep.best == {'step': 3, 'metrics': {'loss': 1.0}}  # the digest is not a metric
+  np.testing.assert_array_equal(keep.restore(make(np.zeros(8192))).params['w'],
+                                weights.astype(np.float32))
+  target = max((os.path.join(root, name) for root, _, names in os.walk(tmp_path / 'best' / '3')
+                for name in names), key=os.path.getsize)
+  with open(target, 'r+b') as f:
+    data = bytearray(f.read())
+    data[int(len(data) * fraction)] ^= 0x01
+    f.seek(0)
+    f.write(data)
+  with pytest.raises(ValueError, match='best holds a kept best that cannot be read .*'
+                                       '(do not match the fingerprint|Error)'):
+    loop.KeepBest(str(tmp_path)).restore(make(np.zeros(8192)))

@@ -154,6 +154,42 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
                                 jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
+def test_a_resumed_checkpoint_is_verified_against_its_digest(tmp_path):
+  """Each save writes checkpoint_digests/<step>.json first (the digests of removed checkpoints
+  go with them); a resume restores the latest and refuses a state that does not match it."""
+  _run_toy(tmp_path)
+  assert sorted(os.listdir(tmp_path / 'checkpoint_digests')) == ['2.json', '4.json', '6.json']
+  state, _ = _toy()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  checkpoints = loop.Checkpoints(str(tmp_path), 2, 10, 'toy', 'Try less.')
+  restored, start, _ = checkpoints.restore_or_init(lambda: state, (), sharding)
+  assert start == 6
+  record = json.loads((tmp_path / 'checkpoint_digests' / '6.json').read_text())
+  assert record == {'step': 6, 'state_sha256': state_lib.state_digest(restored)}
+  # The checkpoint's arrays replaced by another state's (a copy from another run, say).
+  other = state_lib.create_train_state({'params': {'w': jnp.full((), 5.0)}}, optax.sgd(0.1))
+  shutil.rmtree(tmp_path / 'checkpoints' / '6')
+  manager = loop.Checkpoints(str(tmp_path / 'elsewhere'), 2, 10, 'toy', '').manager
+  manager.save(6, args=loop.ocp.args.StandardSave(other.replace(step=restored.step)))
+  manager.wait_until_finished()
+  shutil.copytree(tmp_path / 'elsewhere' / 'checkpoints' / '6', tmp_path / 'checkpoints' / '6')
+  with pytest.raises(ValueError, match=r'checkpoints/6 does not match the digest saved with it '
+                                       r'in .*checkpoint_digests/6.json .*move that folder away'):
+    loop.Checkpoints(str(tmp_path), 2, 10, 'toy', '').restore_or_init(lambda: state, (),
+                                                                        sharding)
+  # A checkpoint without a digest (saved before digests were kept) resumes as before.
+  os.remove(tmp_path / 'checkpoint_digests' / '6.json')
+  assert loop.Checkpoints(str(tmp_path), 2, 10, 'toy', '').restore_or_init(
+      lambda: state, (), sharding)[1] == 6
+  small = loop.Checkpoints(str(tmp_path / 'few'), 1, 2, 'toy', '')
+  for step in range(1, 6):
+    small.save(step, state.replace(step=jnp.asarray(step)))
+  small.wait()
+  small.save(6, state.replace(step=jnp.asarray(6)))  # the cleanup reads the finished steps
+  assert sorted(os.listdir(tmp_path / 'few' / 'checkpoint_digests')) in (
+      ['4.json', '5.json', '6.json'], ['5.json', '6.json'])
+
+
 def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path):
   with pytest.raises(loop.NonFiniteLossError, match=r'there is no checkpoint in .*before the '
                                                     r'first'):

@@ -135,8 +135,9 @@ def check_run_config(path: str, current: Mapping[str, Any], *, resumable: Iterab
 
 
 class Checkpoints:
-  """A stage's Orbax CheckpointManager with the loop's two rules: a non-finite state is never
-  saved, and a NaN stop names a finished checkpoint."""
+  """A stage's Orbax CheckpointManager with the loop's rules: a non-finite state is never
+  saved, a NaN stop names a finished checkpoint, and a resumed state is verified against the
+  digest saved with it (state.state_digest: ~0.6 s per 264 MB of state on one CPU core)."""
 
   def __init__(self, directory: str, every: int, keep: int, what: str, nan_hint: str):
     self.what, self.nan_hint, self.every = what, nan_hint, every
@@ -149,9 +150,28 @@ class Checkpoints:
   def directory(self) -> str:
     return str(self.manager.directory)
 
+  def _digest_path(self, step: int) -> str:
+    return os.path.join(os.path.dirname(self.directory), 'checkpoint_digests', f'{step}.json')
+
   def restore_or_init(self, init_fn, init_args: tuple, sharding) -> tuple[Any, int, Any]:
-    """(state, start step, state shardings): the latest checkpoint, else a fresh state."""
-    return state_lib.restore_or_init(self.manager, init_fn, init_args, sharding, self.what)
+    """(state, start step, state shardings): the latest checkpoint, else a fresh state. A
+    restored state must match the digest saved with it (checkpoint_digests/<step>.json,
+    written before the checkpoint: a checkpoint without one predates digests, or its save
+    found the state sharded over hosts)."""
+    state, start, shardings = state_lib.restore_or_init(self.manager, init_fn, init_args,
+                                                        sharding, self.what)
+    if start:
+      path = self._digest_path(start)
+      recorded = files.read_json(path, f'it holds the digest of checkpoint {start}; remove it '
+                                       'to resume unverified')
+      found = state_lib.state_digest(state) if recorded else None
+      if found is not None and found != recorded['state_sha256']:
+        raise ValueError(
+            f'checkpoint {os.path.join(self.directory, str(start))} does not match the digest '
+            f'saved with it in {path} ({found[:12]} != {recorded["state_sha256"][:12]}): its '
+            'files are damaged or were replaced; move that folder away to resume from the '
+            'checkpoint before it')
+    return state, start, shardings
 
   def check_finite(self, state, step: int) -> None:
     """Raises NonFiniteLossError if a loss up to `step` was NaN/Inf."""
@@ -170,7 +190,20 @@ class Checkpoints:
     if not force and step % self.every:
       return
     self.check_finite(state, step)
+    # The digest is written before the save, so it exists by the time the checkpoint does.
+    digest = state_lib.state_digest(state)
+    folder = os.path.dirname(self._digest_path(step))
+    if digest is not None and jax.process_index() == 0:
+      os.makedirs(folder, exist_ok=True)
+      files.write_json_atomic(self._digest_path(step), {'step': int(step),
+                                                        'state_sha256': digest})
     self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    kept = self.manager.all_steps()
+    # The digests of checkpoints Orbax has removed (max_to_keep) go too.
+    if kept and os.path.isdir(folder) and jax.process_index() == 0:
+      for name in os.listdir(folder):
+        if name.endswith('.json') and name[:-5].isdigit() and int(name[:-5]) < min(kept):
+          os.remove(os.path.join(folder, name))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -222,6 +255,10 @@ def is_better(values: Mapping[str, Any], best: Mapping[str, Any] | None, select_
   return new < old if select_by == 'loss' else new > old
 
 
+# The kept best's metrics entry holding its params' fingerprint (state.params_fingerprint).
+DIGEST_KEY = 'params_sha256'
+
+
 class KeepBest:
   """<stage dir>/best/: the best validation's params and metrics, an Orbax CheckpointManager
   that ranks its steps by `best_fn` (metrics[select_by]) in `best_mode` and keeps one.
@@ -229,7 +266,8 @@ class KeepBest:
   A validation is saved only when it beats the best (`is_better`); Orbax writes it to a
   temporary folder, renames it, then removes the step it beat, so a kill at any moment leaves
   a finished best (and the next run removes the temporary folder). Non-finite metrics are
-  stored as null and rank last.
+  stored as null and rank last. The params' fingerprint is saved with them and checked on
+  restore (a damaged or replaced best is refused, named; ~0.3 s per 100 MB of params).
   """
 
   def __init__(self, stage_dir: str, select_by: str = 'loss'):
@@ -251,7 +289,11 @@ class KeepBest:
       step = self.manager.best_step()
       if step is None and self.manager.all_steps():  # Orbax ranks no step without metrics
         raise ValueError(f'no readable metrics in step(s) {self.manager.all_steps()}')
-      self.best = None if step is None else {'step': step, 'metrics': self.manager.metrics(step)}
+      self.best, self._digest = None, None
+      if step is not None:
+        metrics = dict(self.manager.metrics(step))
+        self._digest = metrics.pop(DIGEST_KEY, None)  # None: kept before digests were
+        self.best = {'step': step, 'metrics': metrics}
     except state_lib.UNREADABLE as e:
       raise self._unreadable(e) from e
 
@@ -298,9 +340,11 @@ class KeepBest:
 
   def _save(self, step: int, variables: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
     """Waits until the save is on disk: the training checkpoint of this step, saved next, must
-    never be resumed from with this best lost."""
-    self.manager.save(step, args=ocp.args.StandardSave(dict(variables)), metrics=dict(metrics),
-                      force=True)
+    never be resumed from with this best lost. The params' fingerprint goes into the step's
+    metrics (written in the same atomic step folder), for restore to verify."""
+    self._digest = state_lib.params_fingerprint(dict(variables))
+    self.manager.save(step, args=ocp.args.StandardSave(dict(variables)),
+                      metrics={**metrics, DIGEST_KEY: self._digest}, force=True)
     self.manager.wait_until_finished()
 
   def restore(self, state):
@@ -312,6 +356,12 @@ class KeepBest:
       restored = self.manager.restore(self.step, args=ocp.args.StandardRestore(abstract))
     except state_lib.UNREADABLE as e:
       raise self._unreadable(e) from e
+    if self._digest is not None:
+      found = state_lib.params_fingerprint(restored)
+      if found != self._digest:
+        raise self._unreadable(ValueError(
+            f'its params do not match the fingerprint saved with them ({found[:12]} != '
+            f'{self._digest[:12]}): the files are damaged or were replaced'))
     return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 
 

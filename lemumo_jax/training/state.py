@@ -157,12 +157,34 @@ def encoder_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'encoder')
 
 
+def _host_value(leaf: Any) -> np.ndarray:
+  """A leaf's value on this host: a replicated array spanning other hosts' devices is read from
+  a local copy (device_get would refuse it); PRNG keys as their key data."""
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+      and leaf.is_fully_replicated):
+    leaf = leaf.addressable_data(0)
+  return np.asarray(jax.device_get(leaf))
+
+
+def state_digest(tree: Any) -> str | None:
+  """params_fingerprint of a whole train state, or None where a leaf is sharded over other
+  hosts' devices (no host sees all of it). About 0.6 s per 264 MB (ViT-S params + AdamW
+  moments) on one core of the 2-core CI machine, plus the device-to-host copy."""
+  for leaf in jax.tree.leaves(tree):
+    if (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+        and not leaf.is_fully_replicated):
+      return None
+  return params_fingerprint(tree)
+
+
 def params_fingerprint(params: Any) -> str:
   """sha256 over every leaf's path, dtype, shape and bytes: the identity of a set of params (an
-  exported encoder, the encoder a probe's heads were trained on)."""
+  exported encoder, the encoder a probe's heads were trained on, a kept best)."""
   digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params)):
-    leaf = np.asarray(leaf)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    leaf = _host_value(leaf)
     digest.update(f'{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|'.encode())
     digest.update(np.ascontiguousarray(leaf).tobytes())
   return digest.hexdigest()
