@@ -159,3 +159,22 @@ def _alive(pid: int) -> bool:
       return f.read().split(') ')[1][0] != 'Z'
   except OSError:
     return False
+
+
+def test_a_second_probe_on_one_workdir_is_refused(tmp_path):
+  """Two probes of one finished workdir raced on best/ (a FileNotFoundError in Orbax's
+  commit); the second is now refused before it reads anything."""
+  workdir = tmp_path / 'run'
+  proc = _holder(workdir, 'probe', 'mode=probe')
+  try:
+    run = subprocess.run(
+        [sys.executable, '-m', 'lemumo_jax.main', '--config=configs/synthetic.py',
+         f'--workdir={workdir}', '--config.mode=probe'], cwd=REPO, capture_output=True,
+        text=True, timeout=300, env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'})
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert run.returncode == 1
+  assert f'error: {workdir} is in use: process {proc.pid}' in run.stderr
+  assert 'running mode=probe' in run.stderr and 'Traceback' not in run.stderr
+  assert sorted(os.listdir(workdir)) == ['.lock-probe']
