@@ -212,17 +212,24 @@ def paired_summary(gains: Sequence[float]) -> dict[str, Any]:
           'wins': int(sum(g > 0 for g in gains)), 'seeds': n}
 
 
-def _die_with_parent() -> None:
-  """In the child before exec: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG), so a
-  killed paper_tables leaves no run writing on; lemumo_jax.main takes SIGTERM as a
-  preemption (checkpoint, exit)."""
+def _die_with_parent():
+  """A preexec_fn for the children: SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG), so
+  a killed paper_tables leaves no run writing on; lemumo_jax.main takes SIGTERM as a
+  preemption (checkpoint, exit). libc is loaded here, in the parent: the child, forked from a
+  process with threads, only calls the resolved function. None where there is no prctl (the
+  workdir locks still refuse a second writer)."""
   try:
-    libc = ctypes.CDLL('libc.so.6', use_errno=True)
-  except OSError:  # not Linux: no equivalent; the workdir locks still refuse a second writer
-    return
-  libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-  if os.getppid() == 1:  # the parent died before prctl took effect
-    os._exit(1)  # pylint: disable=protected-access
+    prctl = ctypes.CDLL('libc.so.6', use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+  parent = os.getpid()
+
+  def preexec() -> None:
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before prctl took effect
+      os._exit(1)  # pylint: disable=protected-access
+
+  return preexec
 
 
 def check_free(workdirs: Sequence[str]) -> None:
@@ -238,7 +245,7 @@ def check_free(workdirs: Sequence[str]) -> None:
 
 def run_command(cmd: Sequence[str], label: str, env: Mapping[str, str]) -> None:
   print(f'[{label}] {" ".join(cmd[1:])}', flush=True)
-  proc = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=_die_with_parent)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=_die_with_parent())
   if proc.returncode:
     raise SystemExit(f'[{label}] failed (exit {proc.returncode}); rerun the same command to '
                      f'resume it')
