@@ -350,7 +350,8 @@ def file_digests(paths: Sequence[str], threads: int = 8) -> dict[str, str]:
   inputs, once per build: about what converting them reads again (Waymo v1's ~1 TB at the
   filesystem's read rate on the machine running the build)."""
   paths = sorted(set(paths))
-  total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+  sizes = {p: os.path.getsize(p) for p in paths if os.path.isfile(p)}
+  total = sum(sizes.values())
 
   def digest(path: str) -> str:
     try:
@@ -363,7 +364,7 @@ def file_digests(paths: Sequence[str], threads: int = 8) -> dict[str, str]:
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     for path, value in zip(paths, pool.map(digest, paths)):
       digests[path] = value
-      done += os.path.getsize(path) if value != 'missing' else 0
+      done += sizes.get(path, 0)
       if time.time() - shown > 10:
         shown = time.time()
         rate = done / max(shown - start, 1e-9)

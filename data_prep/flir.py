@@ -162,10 +162,10 @@ class ThermalBoxes:
   def __init__(self, coco_path: str, classes: Sequence[str]):
     self.path = coco_path
     payload = files.read_json(coco_path, 'restore it from the FLIR ADAS v2 release')
+    if payload is None:
+      raise ValueError(f'{coco_path} not found: the thermal boxes are read from it')
     if not isinstance(payload, dict) or not isinstance(payload.get('images'), list):
-      raise ValueError(f'{coco_path}: not a COCO annotation file (no "images" list)' if
-                       payload is not None else f'{coco_path} not found: the thermal boxes '
-                       'are read from it')
+      raise ValueError(f'{coco_path}: not a COCO annotation file (no "images" list)')
     with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its indexing progress
       self.coco = COCO()
       self.coco.dataset = payload

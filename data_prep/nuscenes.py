@@ -279,14 +279,17 @@ class Converter:
     self.options = Options(**config.options)
     self.config = config
     self.nusc = load_nuscenes(manual_dir, self.options.version)
-    self.lidarseg_files, self.fine_to_seg = {}, None
-    if getattr(self.nusc, 'lidarseg', None):
-      self.lidarseg_files = {r['sample_data_token']: r['filename'] for r in self.nusc.lidarseg}
-      self.fine_to_seg = fine_to_seg_table(self.nusc)
+    self.lidarseg_files = lidarseg_files(self.nusc)
+    self.fine_to_seg = fine_to_seg_table(self.nusc) if self.lidarseg_files else None
 
   def convert(self, scene_token: str, skip: builder.Report) -> Iterator[builder.Frame]:
     return convert_scene(scene_token, skip, self.nusc, self.lidarseg_files, self.fine_to_seg,
                          self.options, self.config)
+
+
+def lidarseg_files(nusc) -> dict[str, str]:
+  """{LIDAR_TOP sample_data token: its lidarseg .bin (dataroot-relative)}; {} without lidarseg."""
+  return {r['sample_data_token']: r['filename'] for r in getattr(nusc, 'lidarseg', None) or []}
 
 
 def table_files(dataroot: str, version: str) -> tuple[str, ...]:
@@ -321,7 +324,7 @@ def split_units(manual_dir: str, config: builder.Config) -> dict[str, list[build
     raise ValueError(f'cameras {list(options.cameras)}: the cameras of {options.version} are '
                      f'{sorted(channels)}')
   tables = table_files(manual_dir, options.version)
-  lidarseg = {r['sample_data_token']: r['filename'] for r in getattr(nusc, 'lidarseg', [])}
+  lidarseg = lidarseg_files(nusc)
   units = {}
   for split, scene_split in options.splits:
     scenes = scenes_of_split(nusc, scene_split)
